@@ -1,0 +1,241 @@
+// CPU implementation of fused_sched::adam_step_ and fused_sched::sgd_step_: one call updates every tensor of
+// one (device, dtype) bucket, whatever param group each tensor belongs to. The work is cut into equal chunks
+// spread over at::parallel_for, each chunk run by the vectorized kernel of the best CPU capability.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "fused_sched/optim_math.h"
+#include "optim_cpu.h"
+#include "optim_cpu_kernels.h"
+
+namespace fused_sched::cpu {
+namespace {
+
+// 16384-element chunks: with 2000 tensors of 256 elements and with GPT-2's 148 tensors both chunkings keep the
+// two threads within 1% of each other on this 2-core machine; larger chunks unbalance the small-model case.
+constexpr int64_t kChunkElements = 16384;
+// Below this many elements in all, waking the thread pool costs more than it saves (measured ~15 us per wake).
+constexpr int64_t kSerialElements = 32768;
+
+const KernelTable* best_kernels() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (kernels_avx512() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return kernels_avx512();
+  }
+  if (kernels_avx2() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kernels_avx2();
+#endif
+  return kernels_default();
+}
+
+const KernelTable*& active_kernels() {
+  static const KernelTable* table = [] {
+    const KernelTable* best = best_kernels();
+    if (const char* env = std::getenv("FUSED_SCHED_CPU_CAPABILITY")) {
+      const KernelTable* chosen = find_kernels(env);
+      TORCH_CHECK(chosen, "FUSED_SCHED_CPU_CAPABILITY=", env, " is not one of default, avx2, avx512 or is not ",
+                  "supported by this CPU");
+      return chosen;
+    }
+    return best;
+  }();
+  return table;
+}
+
+ParamType param_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ParamType::kFloat;
+    case at::kBFloat16: return ParamType::kBFloat16;
+    case at::kHalf: return ParamType::kHalf;
+    default: TORCH_CHECK(false, "fused_sched: parameters must be float32, bfloat16 or float16, got ", t);
+  }
+  return ParamType::kFloat;
+}
+
+void check_hyper(const at::Tensor& hyper, at::IntArrayRef group_index, size_t n) {
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
+                  hyper.size(1) == kHyperColumns && hyper.is_contiguous(),
+              "fused_sched: hyper must be a contiguous CPU float64 tensor of shape [groups, ", int(kHyperColumns),
+              "], got ", hyper.scalar_type(), " ", hyper.sizes(), " on ", hyper.device());
+  TORCH_CHECK(group_index.size() == n, "fused_sched: group_index has ", group_index.size(), " entries for ", n,
+              " tensors");
+  for (int64_t g : group_index) {
+    TORCH_CHECK(g >= 0 && g < hyper.size(0), "fused_sched: group index ", g, " out of range [0, ", hyper.size(0),
+                ")");
+  }
+}
+
+// A state or gradient must be laid out exactly like its parameter so that all of them can be walked as flat
+// arrays of numel elements.
+void check_companion(const at::Tensor& p, const at::Tensor& t, at::ScalarType dtype, const char* what, size_t i) {
+  TORCH_CHECK(t.device() == p.device(), "fused_sched: ", what, "[", i, "] is on ", t.device(), " but its parameter on ",
+              p.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_sched: ", what, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sched: ", what, "[", i, "] has shape ",
+              t.sizes(), " strides ", t.strides(), " but its parameter ", p.sizes(), " ", p.strides());
+  TORCH_CHECK(!t.is_sparse(), "fused_sched: ", what, "[", i, "] is sparse; fused_sched supports dense tensors only");
+}
+
+struct Bucket {
+  ParamType type;
+  std::vector<TensorSlot> slots;
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+};
+
+Bucket make_bucket(at::TensorList params, at::TensorList grads) {
+  TORCH_CHECK(grads.size() == params.size(), "fused_sched: ", grads.size(), " grads for ", params.size(), " params");
+  Bucket b;
+  b.type = params.empty() ? ParamType::kFloat : param_type(params[0].scalar_type());
+  b.slots.resize(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu(), "fused_sched: params[", i, "] is on ", p.device(), ", expected cpu");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fused_sched: params[", i, "] is ", p.scalar_type(),
+                " but params[0] is ", params[0].scalar_type(), "; one call takes one dtype");
+    TORCH_CHECK(!p.is_sparse() && p.is_non_overlapping_and_dense(), "fused_sched: params[", i,
+                "] must be dense and non-overlapping");
+    check_companion(p, grads[i], p.scalar_type(), "grads", i);
+    b.slots[i].param = p.data_ptr();
+    b.slots[i].grad = grads[i].data_ptr();
+    b.slots[i].numel = p.numel();
+  }
+  return b;
+}
+
+void make_chunks(Bucket& b) {
+  for (size_t i = 0; i < b.slots.size(); ++i) {
+    const int64_t n = b.slots[i].numel;
+    for (int64_t s = 0; s < n; s += kChunkElements) {
+      b.chunks.push_back({static_cast<int64_t>(i), s, std::min(n, s + kChunkElements)});
+    }
+    b.total += n;
+  }
+}
+
+template <typename Fn>
+void run_chunks(const Bucket& b, Fn&& fn) {
+  const int64_t n = static_cast<int64_t>(b.chunks.size());
+  if (n == 0) return;
+  if (b.total <= kSerialElements) {
+    fn(0, n);
+  } else {
+    at::parallel_for(0, n, 1, fn);
+  }
+}
+
+void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* what, size_t i) {
+  check_companion(p, s, at::kFloat, what, i);
+}
+
+}  // namespace
+
+const KernelTable* find_kernels(const std::string& name) {
+  const KernelTable* best = best_kernels();
+  const KernelTable* candidates[] = {kernels_default(), kernels_avx2(), kernels_avx512()};
+  for (const KernelTable* t : candidates) {
+    if (t && name == t->name) {
+      // Never hand out a capability the CPU lacks: it would die on an illegal instruction.
+      if (t == kernels_avx512() && best != kernels_avx512()) return nullptr;
+      if (t == kernels_avx2() && best == kernels_default()) return nullptr;
+      return t;
+    }
+  }
+  return nullptr;
+}
+
+std::string cpu_capability() { return active_kernels()->name; }
+
+void set_cpu_capability(const std::string& name) {
+  const KernelTable* t = find_kernels(name);
+  TORCH_CHECK(t, "fused_sched: CPU capability '", name, "' is unknown or unsupported on this CPU (best: ",
+              best_kernels()->name, ")");
+  active_kernels() = t;
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
+                   at::IntArrayRef group_index) {
+  const size_t n = params.size();
+  // Every check runs before anything is written: a rejected call leaves parameters and state untouched.
+  check_hyper(hyper, group_index, n);
+  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "fused_sched: adam_step_ needs one exp_avg, exp_avg_sq and step per param (", n, " params, ",
+              exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
+  TORCH_CHECK(max_exp_avg_sqs.size() == n || max_exp_avg_sqs.empty(), "fused_sched: max_exp_avg_sqs has ",
+              max_exp_avg_sqs.size(), " entries for ", n, " params");
+  Bucket b = make_bucket(params, grads);
+  const double* table = hyper.data_ptr<double>();
+  std::vector<float> new_steps(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const double* row = table + group_index[i] * kHyperColumns;
+    const bool amsgrad = hyper_flags(row) & kAmsgrad;
+    check_float_state(p, exp_avgs[i], "exp_avgs", i);
+    check_float_state(p, exp_avg_sqs[i], "exp_avg_sqs", i);
+    b.slots[i].state0 = exp_avgs[i].data_ptr<float>();
+    b.slots[i].state1 = exp_avg_sqs[i].data_ptr<float>();
+    b.slots[i].state2 = nullptr;
+    if (amsgrad) {
+      TORCH_CHECK(!max_exp_avg_sqs.empty(), "fused_sched: amsgrad needs max_exp_avg_sqs");
+      check_float_state(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
+      b.slots[i].state2 = max_exp_avg_sqs[i].data_ptr<float>();
+    }
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+                "fused_sched: steps[", i, "] must be a one-element float32 CPU tensor");
+    // torch keeps the step as float32 and adds 1 in float32 before reading it.
+    new_steps[i] = *s.data_ptr<float>() + 1.0f;
+    b.slots[i].hyper = row;
+    b.slots[i].step = static_cast<double>(new_steps[i]);
+  }
+  make_chunks(b);
+  const KernelTable* k = active_kernels();
+  run_chunks(b, [&](int64_t first, int64_t last) {
+    k->adam_chunks(b.type, b.slots.data(), b.chunks.data(), first, last);
+  });
+  for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers) {
+  const size_t n = params.size();
+  check_hyper(hyper, group_index, n);
+  TORCH_CHECK(momentum_buffers.size() == n || momentum_buffers.empty(), "fused_sched: momentum_buffers has ",
+              momentum_buffers.size(), " entries for ", n, " params");
+  TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
+              " params");
+  Bucket b = make_bucket(params, grads);
+  const double* table = hyper.data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) {
+    const double* row = table + group_index[i] * kHyperColumns;
+    b.slots[i].hyper = row;
+    b.slots[i].fresh = fresh_buffers[i] != 0;
+    b.slots[i].state0 = nullptr;
+    if (row[kMomentum] != 0.0) {
+      TORCH_CHECK(!momentum_buffers.empty(), "fused_sched: momentum needs momentum_buffers");
+      check_float_state(params[i], momentum_buffers[i], "momentum_buffers", i);
+      b.slots[i].state0 = momentum_buffers[i].data_ptr<float>();
+    }
+    b.slots[i].state1 = b.slots[i].state2 = nullptr;
+  }
+  make_chunks(b);
+  const KernelTable* k = active_kernels();
+  run_chunks(b, [&](int64_t first, int64_t last) {
+    k->sgd_chunks(b.type, b.slots.data(), b.chunks.data(), first, last);
+  });
+}
+
+TORCH_LIBRARY_IMPL(fused_sched, CPU, m) {
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("sgd_step_", &sgd_step_cpu);
+}
+
+}  // namespace fused_sched::cpu

@@ -1,0 +1,48 @@
+// Interface between the dispatcher-facing CPU op (optim_cpu.cpp, compiled for the baseline ISA) and the
+// vectorized kernels, compiled once per CPU capability (optim_cpu_kernels_{default,avx2,avx512}.cpp) and picked
+// at run time. Only plain data crosses it, so the capability translation units include as little as possible.
+#pragma once
+
+#include <cstdint>
+
+
+namespace fused_sched::cpu {
+
+enum class ParamType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+// Addresses of one parameter's tensors (all with the parameter's layout, dense) and its element count.
+struct TensorSlot {
+  void* param;
+  const void* grad;
+  float* state0;  // Adam: exp_avg;     SGD: momentum_buffer (may be null when momentum == 0)
+  float* state1;  // Adam: exp_avg_sq
+  float* state2;  // Adam: max_exp_avg_sq (null unless amsgrad)
+  int64_t numel;
+  const double* hyper;  // the row of this tensor's param group in the hyper-parameter table
+  double step;          // Adam: the step count after this step's increment
+  bool fresh;           // SGD: the momentum buffer is created by this step
+};
+
+// A contiguous range of one tensor's elements: the unit of work given to a thread.
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Runs chunks [first, last) of `chunks`, each over the tensor it names in `slots`. The per-tensor scalars are
+// derived from the slot's hyper row and step inside the kernel, with the kernel's own copy of optim_math.h.
+using ChunksFn = void (*)(ParamType, const TensorSlot*, const Chunk*, int64_t first, int64_t last);
+
+struct KernelTable {
+  const char* name;
+  ChunksFn adam_chunks;
+  ChunksFn sgd_chunks;
+};
+
+// One per capability; `nullptr`-returning where the capability is not compiled for this target.
+const KernelTable* kernels_default();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+
+}  // namespace fused_sched::cpu

@@ -1,0 +1,12 @@
+// Baseline-ISA build of the CPU kernels: runs everywhere, chosen when the CPU lacks AVX2.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+#include "optim_cpu_kernels_impl.h"
+
+namespace fused_sched::cpu {
+const KernelTable* kernels_default() {
+  static const KernelTable table{"default", &CPU_CAPABILITY::adam_chunks, &CPU_CAPABILITY::sgd_chunks};
+  return &table;
+}
+}  // namespace fused_sched::cpu

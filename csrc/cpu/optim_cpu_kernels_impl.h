@@ -1,0 +1,166 @@
+// Vectorized CPU kernels. Included once per CPU capability with CPU_CAPABILITY defined (DEFAULT, AVX2, AVX512),
+// so at::vec selects that capability's Vectorized<float> inside its own inline namespace.
+//
+// Low-precision parameters are widened to float (two Vectorized<float> per Vectorized<scalar_t>), updated with
+// the shared per-element math and narrowed back with round-to-nearest-even; states are float32.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "fused_sched/optim_math.h"
+#include "optim_cpu_kernels.h"
+
+namespace fused_sched {
+// Lets the shared element functions run on vectors (at::vec::maximum propagates NaN like torch.maximum).
+template <>
+struct MathOps<at::vec::Vectorized<float>> {
+  using V = at::vec::Vectorized<float>;
+  static V sqrt(const V& x) { return x.sqrt(); }
+  static V neg(const V& x) { return x.neg(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+};
+}  // namespace fused_sched
+
+namespace fused_sched::cpu::CPU_CAPABILITY {
+
+using FVec = at::vec::Vectorized<float>;
+
+inline AdamCoeffs<FVec> broadcast(const AdamCoeffs<float>& c) {
+  return {FVec(c.decay),   FVec(c.weight_decay),    FVec(c.lerp_weight), FVec(c.one_minus_lerp), FVec(c.beta2),
+          FVec(c.one_minus_beta2), FVec(c.bc2_sqrt), FVec(c.eps),         FVec(c.neg_step_size),  c.lerp_small,
+          c.flags};
+}
+
+inline SgdCoeffs<FVec> broadcast(const SgdCoeffs<float>& c) {
+  return {FVec(c.neg_lr), FVec(c.weight_decay), FVec(c.momentum), FVec(c.one_minus_dampening), c.flags,
+          c.has_momentum};
+}
+
+// Loads and stores of `kLanes` parameter elements as float vectors: one vector for float storage, two for 16-bit.
+template <typename scalar_t>
+struct ParamIO {
+  static constexpr int64_t kVectors = 2;
+  using SVec = at::vec::Vectorized<scalar_t>;
+  static constexpr int64_t kLanes = SVec::size();
+  static_assert(kLanes == 2 * FVec::size(), "16-bit vectors hold two float vectors");
+  static void load(const scalar_t* src, FVec (&out)[2]) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(SVec::loadu(src));
+    out[0] = lo;
+    out[1] = hi;
+  }
+  static void store(scalar_t* dst, const FVec (&in)[2]) {
+    at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(dst);
+  }
+};
+
+template <>
+struct ParamIO<float> {
+  static constexpr int64_t kVectors = 1;
+  static constexpr int64_t kLanes = FVec::size();
+  static void load(const float* src, FVec (&out)[1]) { out[0] = FVec::loadu(src); }
+  static void store(float* dst, const FVec (&in)[1]) { in[0].store(dst); }
+};
+
+template <typename scalar_t>
+void adam_range(const TensorSlot& t, int64_t begin, int64_t end) {
+  const AdamCoeffs<float> c = adam_coeffs(t.hyper, t.step);
+  using IO = ParamIO<scalar_t>;
+  constexpr int64_t V = IO::kVectors;
+  constexpr int64_t F = FVec::size();
+  auto* p = static_cast<scalar_t*>(t.param);
+  const auto* g = static_cast<const scalar_t*>(t.grad);
+  float* m = t.state0;
+  float* v = t.state1;
+  float* vmax = t.state2;
+  const bool amsgrad = c.flags & kAmsgrad;
+  const AdamCoeffs<FVec> cv = broadcast(c);
+  int64_t i = begin;
+  for (; i + IO::kLanes <= end; i += IO::kLanes) {
+    FVec pv[V], gv[V];
+    IO::load(p + i, pv);
+    IO::load(g + i, gv);
+    for (int64_t k = 0; k < V; ++k) {
+      FVec mv = FVec::loadu(m + i + k * F);
+      FVec vv = FVec::loadu(v + i + k * F);
+      FVec xv = amsgrad ? FVec::loadu(vmax + i + k * F) : FVec(0.0f);
+      adam_element(pv[k], gv[k], mv, vv, xv, cv);
+      mv.store(m + i + k * F);
+      vv.store(v + i + k * F);
+      if (amsgrad) xv.store(vmax + i + k * F);
+    }
+    IO::store(p + i, pv);
+  }
+  float scratch = 0.0f;
+  for (; i < end; ++i) {
+    float pf = static_cast<float>(p[i]);
+    float& xf = amsgrad ? vmax[i] : scratch;
+    adam_element(pf, static_cast<float>(g[i]), m[i], v[i], xf, c);
+    p[i] = static_cast<scalar_t>(pf);
+  }
+}
+
+template <typename scalar_t>
+void sgd_range(const TensorSlot& t, int64_t begin, int64_t end) {
+  using IO = ParamIO<scalar_t>;
+  constexpr int64_t V = IO::kVectors;
+  constexpr int64_t F = FVec::size();
+  auto* p = static_cast<scalar_t*>(t.param);
+  const auto* g = static_cast<const scalar_t*>(t.grad);
+  float* buf = t.state0;
+  const SgdCoeffs<float> c = sgd_coeffs(t.hyper);
+  const bool has_buf = c.has_momentum;
+  const SgdCoeffs<FVec> cv = broadcast(c);
+  int64_t i = begin;
+  for (; i + IO::kLanes <= end; i += IO::kLanes) {
+    FVec pv[V], gv[V];
+    IO::load(p + i, pv);
+    IO::load(g + i, gv);
+    for (int64_t k = 0; k < V; ++k) {
+      FVec bv = has_buf ? FVec::loadu(buf + i + k * F) : FVec(0.0f);
+      sgd_element(pv[k], gv[k], bv, t.fresh, cv);
+      if (has_buf) bv.store(buf + i + k * F);
+    }
+    IO::store(p + i, pv);
+  }
+  float scratch = 0.0f;
+  for (; i < end; ++i) {
+    float pf = static_cast<float>(p[i]);
+    float& bf = has_buf ? buf[i] : scratch;
+    sgd_element(pf, static_cast<float>(g[i]), bf, t.fresh, c);
+    p[i] = static_cast<scalar_t>(pf);
+  }
+}
+
+template <typename Fn>
+inline void dispatch_param_type(ParamType type, Fn&& fn) {
+  switch (type) {
+    case ParamType::kFloat: fn(float{}); break;
+    case ParamType::kBFloat16: fn(c10::BFloat16{}); break;
+    case ParamType::kHalf: fn(c10::Half{}); break;
+  }
+}
+
+inline void adam_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
+  dispatch_param_type(type, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    for (int64_t k = first; k < last; ++k) {
+      const Chunk& ch = chunks[k];
+      adam_range<scalar_t>(slots[ch.tensor], ch.begin, ch.end);
+    }
+  });
+}
+
+inline void sgd_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
+  dispatch_param_type(type, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    for (int64_t k = first; k < last; ++k) {
+      const Chunk& ch = chunks[k];
+      sgd_range<scalar_t>(slots[ch.tensor], ch.begin, ch.end);
+    }
+  });
+}
+
+}  // namespace fused_sched::cpu::CPU_CAPABILITY

@@ -1,0 +1,172 @@
+// Per-element optimizer math shared by every C++ backend (CPU kernels include it with float and
+// at::vec::Vectorized<float>; the CUDA kernels include it with float). The Triton kernels mirror it once in
+// fused_sched/backends/triton_kernels.py. The operation order follows torch.optim's single-tensor
+// implementations (torch/optim/adam.py, sgd.py) so that fp32 results agree with torch to a few ulps.
+//
+// This header includes no torch header: the CUDA sources must compile without torch's CUDA headers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FS_HOST_DEVICE inline
+#endif
+
+// Each CPU capability translation unit (optim_cpu_kernels_avx2.cpp, ...) compiles this header for its own ISA
+// and sets FS_MATH_ABI to a name of its own, so its inline functions never merge with the baseline copies
+// (the linker keeps one copy of an inline function: an AVX-512 one must not serve a CPU without AVX-512).
+#ifndef FS_MATH_ABI
+#define FS_MATH_ABI math_base
+#endif
+
+namespace fused_sched {
+inline namespace FS_MATH_ABI {
+
+// Columns of the per-param-group hyper-parameter table (float64, one row per param group). The Python mirror is
+// fused_sched/_hyper.py; both must change together.
+enum HyperColumn : int {
+  kLr = 0,
+  kBeta1 = 1,
+  kBeta2 = 2,
+  kEps = 3,
+  kWeightDecay = 4,
+  kMomentum = 5,
+  kDampening = 6,
+  kFlags = 7,
+  kHyperColumns = 8,
+};
+
+// Bits of the kFlags column (stored as an exact small integer in float64).
+enum HyperFlag : uint32_t {
+  kAmsgrad = 1u,
+  kMaximize = 2u,
+  kNesterov = 4u,
+  kDecoupledWeightDecay = 8u,  // AdamW: param *= 1 - lr * wd; Adam: grad += wd * param
+};
+
+// Set by adam_coeffs / sgd_coeffs when weight_decay == 0: torch skips the L2 add then, and AdamW's multiply by
+// exactly 1.0 changes nothing, so both are skipped.
+constexpr uint32_t kNoWeightDecay = 0x80000000u;
+
+FS_HOST_DEVICE uint32_t hyper_flags(const double* row) { return static_cast<uint32_t>(row[kFlags]); }
+
+// Scalars of one Adam/AdamW update of one tensor, computed in float64 exactly as torch computes them in
+// Python (bias corrections from the float32 step counter after its increment), then rounded to float once.
+template <typename T>
+struct AdamCoeffs {
+  T decay;           // 1 - lr * wd (AdamW) ; unused for Adam
+  T weight_decay;    // L2 coefficient (Adam)
+  T lerp_weight;     // 1 - beta1
+  T one_minus_lerp;  // 1 - (1 - beta1), the large-weight branch of torch.lerp
+  T beta2;
+  T one_minus_beta2;
+  T bc2_sqrt;        // sqrt(1 - beta2^step)
+  T eps;
+  T neg_step_size;   // -lr / (1 - beta1^step)
+  bool lerp_small;   // torch.lerp picks its formula by |weight| < 0.5
+  uint32_t flags;
+};
+
+FS_HOST_DEVICE AdamCoeffs<float> adam_coeffs(const double* row, double step) {
+  const double lr = row[kLr], beta1 = row[kBeta1], beta2 = row[kBeta2], wd = row[kWeightDecay];
+  const double bias_correction1 = 1.0 - pow(beta1, step);
+  const double bias_correction2 = 1.0 - pow(beta2, step);
+  const double lerp_w = 1.0 - beta1;
+  const float lerp_wf = static_cast<float>(lerp_w);
+  AdamCoeffs<float> c;
+  c.decay = static_cast<float>(1.0 - lr * wd);
+  c.weight_decay = static_cast<float>(wd);
+  c.lerp_weight = lerp_wf;
+  c.one_minus_lerp = 1.0f - lerp_wf;
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.bc2_sqrt = static_cast<float>(sqrt(bias_correction2));
+  c.eps = static_cast<float>(row[kEps]);
+  c.neg_step_size = static_cast<float>(-(lr / bias_correction1));
+  c.lerp_small = fabs(lerp_w) < 0.5;
+  c.flags = hyper_flags(row);
+  if (wd == 0.0) c.flags |= kNoWeightDecay;
+  return c;
+}
+
+// The few operations that are not plain arithmetic operators. The CPU kernels specialize MathOps for
+// at::vec::Vectorized<float>, so the same element functions run on scalars and on vectors.
+template <typename T>
+struct MathOps;
+
+template <>
+struct MathOps<float> {
+  static FS_HOST_DEVICE float sqrt(float x) { return sqrtf(x); }
+  static FS_HOST_DEVICE float neg(float x) { return -x; }
+  // torch.maximum propagates NaN from either side.
+  static FS_HOST_DEVICE float max(float a, float b) { return (a != a || a > b) ? a : b; }
+};
+
+// One Adam/AdamW element: p, m, v, vmax updated in place; g is the gradient as stored.
+template <typename T>
+FS_HOST_DEVICE void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamCoeffs<T>& c) {
+  if (c.flags & kMaximize) g = MathOps<T>::neg(g);
+  if (c.flags & kDecoupledWeightDecay) {
+    p = p * c.decay;
+  } else if (!(c.flags & kNoWeightDecay)) {
+    g = g + c.weight_decay * p;
+  }
+  // exp_avg.lerp_(grad, 1 - beta1)
+  m = c.lerp_small ? m + c.lerp_weight * (g - m) : g - (g - m) * c.one_minus_lerp;
+  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+  v = v * c.beta2;
+  v = v + c.one_minus_beta2 * g * g;
+  T second = v;
+  if (c.flags & kAmsgrad) {
+    vmax = MathOps<T>::max(vmax, v);
+    second = vmax;
+  }
+  // denom = sqrt(v) / bias_correction2_sqrt + eps ; param.addcdiv_(exp_avg, denom, value=-step_size)
+  const T denom = MathOps<T>::sqrt(second) / c.bc2_sqrt + c.eps;
+  p = p + c.neg_step_size * m / denom;
+}
+
+template <typename T>
+struct SgdCoeffs {
+  T neg_lr;
+  T weight_decay;
+  T momentum;
+  T one_minus_dampening;
+  uint32_t flags;
+  bool has_momentum;
+};
+
+FS_HOST_DEVICE SgdCoeffs<float> sgd_coeffs(const double* row) {
+  SgdCoeffs<float> c;
+  c.neg_lr = static_cast<float>(-row[kLr]);
+  c.weight_decay = static_cast<float>(row[kWeightDecay]);
+  c.momentum = static_cast<float>(row[kMomentum]);
+  c.one_minus_dampening = static_cast<float>(1.0 - row[kDampening]);
+  c.flags = hyper_flags(row);
+  if (row[kWeightDecay] == 0.0) c.flags |= kNoWeightDecay;
+  c.has_momentum = row[kMomentum] != 0.0;
+  return c;
+}
+
+// One SGD element. `fresh` is true on the step that creates the momentum buffer: torch then sets buf = grad.
+template <typename T>
+FS_HOST_DEVICE void sgd_element(T& p, T g, T& buf, bool fresh, const SgdCoeffs<T>& c) {
+  if (c.flags & kMaximize) g = MathOps<T>::neg(g);
+  if (!(c.flags & kNoWeightDecay)) g = g + c.weight_decay * p;
+  if (c.has_momentum) {
+    if (fresh) {
+      buf = g;
+    } else {
+      buf = buf * c.momentum;
+      buf = buf + c.one_minus_dampening * g;
+    }
+    g = (c.flags & kNesterov) ? g + c.momentum * buf : buf;
+  }
+  p = p + c.neg_lr * g;
+}
+
+}  // namespace FS_MATH_ABI
+}  // namespace fused_sched

@@ -1,0 +1,97 @@
+#include "optim_bucket.h"
+
+#include <ATen/record_function.h>
+
+#include <sstream>
+
+#include "cpu/optim_cpu.h"
+
+namespace fused_sched {
+
+OptimBucket::OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
+                         std::vector<at::Tensor> steps, std::vector<int64_t> group_index)
+    : params_(std::move(params)),
+      states_(std::move(states)),
+      steps_(std::move(steps)),
+      group_index_(std::move(group_index)),
+      dtype_(params_.empty() ? at::kFloat : params_[0].scalar_type()),
+      device_(params_.empty() ? at::Device(at::kCPU) : params_[0].device()) {
+  TORCH_CHECK(group_index_.size() == params_.size(), "fused_sched: one group index per param");
+  for (const auto& list : states_) {
+    TORCH_CHECK(list.empty() || list.size() == params_.size(), "fused_sched: one state tensor per param");
+  }
+  grads_.resize(params_.size());
+}
+
+std::string OptimBucket::refresh_grads() {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i];
+    const at::Tensor& g = p.grad();
+    auto fail = [&](const char* what) {
+      std::ostringstream os;
+      os << "param " << i << ": " << what;
+      return os.str();
+    };
+    if (p.scalar_type() != dtype_ || p.device() != device_) return fail("dtype or device changed");
+    if (!g.defined()) return fail("no grad");
+    if (g.scalar_type() != dtype_ || g.device() != device_ || g.is_sparse()) return fail("grad dtype/device/layout");
+    if (g.sizes() != p.sizes() || g.strides() != p.strides() || !p.is_non_overlapping_and_dense()) {
+      return fail("grad layout differs from param");
+    }
+    for (const auto& list : states_) {
+      if (!list.empty() && list[i].defined() && list[i].numel() != 0 && list[i].sizes() != p.sizes()) {
+        return fail("param shape changed");
+      }
+    }
+    grads_[i] = g;
+  }
+  return {};
+}
+
+namespace {
+const std::vector<at::Tensor>& state_or_empty(const std::vector<std::vector<at::Tensor>>& states, size_t k) {
+  static const std::vector<at::Tensor> empty;
+  return k < states.size() ? states[k] : empty;
+}
+}  // namespace
+
+void OptimBucket::adam_step(const at::Tensor& hyper) {
+  RECORD_FUNCTION("fused_sched::adam_step_", std::vector<c10::IValue>());
+  TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::adam_step runs CPU buckets");
+  cpu::adam_step_cpu(params_, grads_, state_or_empty(states_, 0), state_or_empty(states_, 1),
+                     state_or_empty(states_, 2), steps_, hyper, group_index_);
+}
+
+void OptimBucket::sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers) {
+  RECORD_FUNCTION("fused_sched::sgd_step_", std::vector<c10::IValue>());
+  TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::sgd_step runs CPU buckets");
+  cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), hyper, group_index_, fresh_buffers);
+}
+
+at::Tensor OptimBucket::address_table() const {
+  const int64_t n = static_cast<int64_t>(params_.size());
+  at::Tensor table = at::zeros({n, 8}, at::kLong);
+  int64_t* t = table.data_ptr<int64_t>();
+  auto addr = [](const at::Tensor& x) -> int64_t {
+    return x.defined() && x.numel() > 0 ? reinterpret_cast<int64_t>(x.data_ptr()) : 0;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t* row = t + i * 8;
+    row[0] = addr(params_[i]);
+    row[1] = addr(grads_[i]);
+    for (size_t k = 0; k < 3; ++k) row[2 + k] = k < states_.size() && !states_[k].empty() ? addr(states_[k][i]) : 0;
+    row[5] = steps_.empty() ? 0 : addr(steps_[i]);
+    row[6] = params_[i].numel();
+    row[7] = group_index_[i];
+  }
+  return table;
+}
+
+bool NoGradWatch::still_none() const {
+  for (const auto& p : params_) {
+    if (p.grad().defined()) return false;
+  }
+  return true;
+}
+
+}  // namespace fused_sched

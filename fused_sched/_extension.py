@@ -1,0 +1,72 @@
+"""Loads the compiled extension: the one built by setup.py (`fused_sched._C`) or, when that is missing (a source
+checkout that was never built), builds it just in time with ninja and caches the result.
+
+The cache lives in $FUSED_SCHED_BUILD_DIR, else ~/.cache/fused_sched/<torch version>-<hash of the sources>, so
+an edit to a source or a torch upgrade rebuilds and an unchanged tree loads in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import threading
+
+from . import _sources
+
+_lock = threading.Lock()
+_module = None
+
+
+def _source_root() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.dirname(here), here):
+        if os.path.isfile(os.path.join(root, _sources.CPU_SOURCES[0])):
+            return root
+    raise ImportError(
+        "fused_sched: the compiled extension fused_sched._C is missing and no csrc/ tree was found to build it; "
+        "reinstall with `pip install --no-build-isolation .`"
+    )
+
+
+def _jit_build():
+    import torch
+    from torch.utils.cpp_extension import load
+
+    root = _source_root()
+    sources = [os.path.join(root, s) for s in _sources.CPU_SOURCES]
+    include_dirs = [os.path.join(root, d) for d in _sources.INCLUDE_DIRS]
+    digest = hashlib.sha256()
+    for folder in include_dirs:
+        for dirpath, _, files in sorted(os.walk(folder)):
+            for name in sorted(files):
+                if name.endswith((".h", ".cpp", ".cuh", ".cu")):
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        digest.update(name.encode() + f.read())
+    tag = f"{torch.__version__}-{digest.hexdigest()[:16]}".replace("+", "_")
+    build_dir = os.environ.get("FUSED_SCHED_BUILD_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fused_sched", tag
+    )
+    os.makedirs(build_dir, exist_ok=True)
+    return load(
+        name="fused_sched_C",
+        sources=sources,
+        extra_include_paths=include_dirs,
+        extra_cflags=list(_sources.CXX_FLAGS),
+        build_directory=build_dir,
+        verbose=os.environ.get("FUSED_SCHED_VERBOSE_BUILD", "0") == "1",
+    )
+
+
+def load_extension():
+    """Return the compiled extension module; its import registers torch.ops.fused_sched.*."""
+    global _module
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None:
+            try:
+                _module = importlib.import_module("fused_sched._C")
+            except ImportError:
+                _module = _jit_build()
+    return _module

@@ -1,0 +1,42 @@
+"""Per-param-group hyper-parameter table: one float64 row per param group, read by every backend's kernel.
+
+Mirrors csrc/include/fused_sched/optim_math.h (HyperColumn, HyperFlag); both must change together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MOMENTUM, DAMPENING, FLAGS = range(8)
+COLUMNS = 8
+
+AMSGRAD = 1
+MAXIMIZE = 2
+NESTEROV = 4
+DECOUPLED_WEIGHT_DECAY = 8
+
+
+def scalar(value) -> float:
+    """A hyper-parameter as a Python float (a one-element tensor is read once here)."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def adam_row(group: dict) -> tuple:
+    beta1, beta2 = group["betas"]
+    flags = (
+        (AMSGRAD if group["amsgrad"] else 0)
+        | (MAXIMIZE if group["maximize"] else 0)
+        | (DECOUPLED_WEIGHT_DECAY if group["decoupled_weight_decay"] else 0)
+    )
+    return (
+        scalar(group["lr"]), scalar(beta1), scalar(beta2), float(group["eps"]), scalar(group["weight_decay"]),
+        0.0, 0.0, float(flags),
+    )
+
+
+def sgd_row(group: dict) -> tuple:
+    flags = (MAXIMIZE if group["maximize"] else 0) | (NESTEROV if group["nesterov"] else 0)
+    return (
+        scalar(group["lr"]), 0.0, 0.0, 0.0, scalar(group["weight_decay"]), float(group["momentum"]),
+        float(group["dampening"]), float(flags),
+    )

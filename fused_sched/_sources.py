@@ -1,0 +1,23 @@
+"""Sources of the compiled extension, shared by setup.py (ahead-of-time build) and fused_sched._extension
+(just-in-time build). No imports: setup.py executes this file before the package is importable."""
+
+# Baseline-ISA translation units first: the linker keeps the first copy of an inline function it meets, and the
+# AVX2 / AVX-512 units (last) must not lend their copies to code that runs on every CPU.
+CPU_SOURCES = [
+    "csrc/fused_sched_ops.cpp",
+    "csrc/optim_bucket.cpp",
+    "csrc/cpu/optim_cpu.cpp",
+    "csrc/cpu/optim_cpu_kernels_default.cpp",
+    "csrc/cpu/optim_cpu_kernels_avx2.cpp",
+    "csrc/cpu/optim_cpu_kernels_avx512.cpp",
+]
+
+# Kernels free of torch headers (compile-checked by nvcc on machines without a GPU) and the torch glue that
+# registers them, built only against a CUDA build of torch.
+CUDA_KERNEL_GLOB = "csrc/cuda/*.cu"
+CUDA_GLUE_GLOB = "csrc/cuda/*.cpp"
+
+INCLUDE_DIRS = ["csrc/include", "csrc"]
+
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]

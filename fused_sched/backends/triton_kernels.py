@@ -1,0 +1,311 @@
+"""Triton kernels of the fused optimizer step: one launch updates every tensor of one (device, dtype) bucket.
+
+Design
+------
+* Address table (``OptimBucket.address_table``): int64 ``[n, 8]``, one row per tensor: (param, grad, state0,
+  state1, state2, step) addresses, numel, param-group index. The kernels turn the addresses into typed pointers
+  (the pattern of Triton's grouped-GEMM tutorial), so one launch reaches tensors that share no storage. Adam:
+  state0 = exp_avg, state1 = exp_avg_sq, state2 = max_exp_avg_sq (0 unless amsgrad), step = a float32
+  one-element tensor. SGD: state0 = momentum_buffer (0 without momentum); column 5 is no address but the "fresh
+  buffer" flag (1 on the step that creates the buffer, which torch fills with the gradient).
+* Chunk map (``build_chunks``): int64 ``[n_chunks, 2]`` of (row, start); a chunk covers elements
+  ``[start, min(start + CHUNK, numel))`` of one tensor. Chunks, not tensors, are the unit of work, so a bucket of
+  one huge and many tiny tensors still spreads evenly over the programs.
+* Hyper-parameter table (fused_sched/_hyper.py, optim_math.h ``HyperColumn``): float64 ``[groups, 8]``. Every
+  chunk computes its scalars on the device in float64 exactly like ``adam_coeffs`` / ``sgd_coeffs`` and rounds
+  them to float32 once; the host reads neither the table nor the steps, so a launch can be captured in a CUDA
+  graph and replayed while the learning rate and the steps change.
+* Persistent grid: ``num_programs`` programs, program ``pid`` taking chunks ``pid, pid + num_programs, ...``.
+  Offsets are int64 throughout: tensors of more than 2**31 elements work.
+* Step advance without a race: a program reads a tensor's step (and uses step + 1) while it updates that
+  tensor's chunks, so no step may change before every program is done. Each program therefore takes a ticket
+  from ``counter`` (int32, zero before the launch) once its chunks are done; the program holding the last ticket
+  increments every step (Adam) or clears every fresh flag (SGD), then zeroes ``counter`` so that the next launch
+  (or CUDA-graph replay) starts clean.
+
+Numerics mirror csrc/include/fused_sched/optim_math.h operation by operation, so results agree with the C++
+backends (and torch.optim) to the last bit or so:
+
+* the launch disables fp fusion: a multiply and an add are two roundings there, never one fma;
+* divisions and square roots are IEEE round-to-nearest (``tl.div_rn`` / ``tl.sqrt_rn``, not the approximate
+  defaults of ``/`` and ``tl.sqrt`` on float32);
+* beta ** step is computed in double-double arithmetic (``_pow``): libdevice's pow is unavailable under the
+  Triton interpreter, and exp2(step * log2(beta)) would be far less accurate than the C pow() that torch uses;
+* negation multiplies by -1 (Triton's unary minus is 0 - x, which turns -0.0 into +0.0);
+* float32 -> bfloat16 rounds to nearest-even by integer arithmetic, because the Triton interpreter truncates
+  that conversion (float16 conversions are exact on both).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Untuned: no GPU was available when these were chosen. CHUNK must be a multiple of BLOCK, BLOCK a power of two.
+DEFAULT_BLOCK = 1024  # elements per inner iteration of a program
+DEFAULT_CHUNK = 65536  # elements per chunk (unit of work handed to a program)
+DEFAULT_NUM_WARPS = 4
+# Rows handled per iteration when the last program advances the steps / clears the fresh flags.
+_ROW_BLOCK = 256
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# Flag bits of the FLAGS hyper-parameter column (optim_math.h HyperFlag).
+_AMSGRAD = tl.constexpr(1)
+_MAXIMIZE = tl.constexpr(2)
+_NESTEROV = tl.constexpr(4)
+_DECOUPLED_WEIGHT_DECAY = tl.constexpr(8)
+
+
+def build_chunks(numels: list[int], chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """The chunk map of tensors with these element counts: CPU int64 ``[n_chunks, 2]`` of (row, start).
+
+    A tensor of numel 0 gets no chunk. ``chunk`` must be the CHUNK the launcher is given.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    numels_t = torch.tensor(numels, dtype=torch.int64).reshape(-1)
+    counts = (numels_t + chunk - 1) // chunk
+    rows = torch.repeat_interleave(torch.arange(numels_t.numel(), dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    starts = (torch.arange(rows.numel(), dtype=torch.int64) - first[rows]) * chunk
+    return torch.stack([rows, starts], dim=1)
+
+
+@triton.jit
+def _dd_mul(ah, al, bh, bl):
+    """(ah + al) * (bh + bl) in double-double arithmetic, renormalized so that hi = fl(hi + lo)."""
+    p = ah * bh
+    e = tl.fma(ah, bh, -p)  # the exact rounding error of ah * bh
+    e = e + (ah * bl + al * bh)
+    hi = p + e
+    lo = e - (hi - p)
+    return hi, lo
+
+
+@triton.jit
+def _pow(base, exponent):
+    """base ** exponent in float64, for an integer-valued exponent >= 0 (Adam's step counter).
+
+    Binary exponentiation in double-double (about 100 significant bits) leaves an error far below half an ulp of
+    float64, so the result is the correctly rounded power, which is what C's pow() returns.
+    """
+    rh = tl.cast(1.0, tl.float64)
+    rl = tl.cast(0.0, tl.float64)
+    bh = base
+    bl = tl.cast(0.0, tl.float64)
+    e = exponent
+    while e > 0.0:
+        half = tl.floor(e * 0.5)
+        ph, pl = _dd_mul(rh, rl, bh, bl)
+        odd = e != half * 2.0
+        rh = tl.where(odd, ph, rh)
+        rl = tl.where(odd, pl, rl)
+        bh, bl = _dd_mul(bh, bl, bh, bl)
+        e = half
+    return rh
+
+
+@triton.jit
+def _to_param_dtype(x, PARAM_DTYPE: tl.constexpr):
+    """Rounds float32 values to the parameter dtype, to nearest-even."""
+    if PARAM_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # The carry of the rounding would turn a NaN with a small payload into an infinity.
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(PARAM_DTYPE)
+
+
+@triton.jit
+def _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, IS_ADAM: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Run by the program holding the last ticket, after every program has finished its chunks."""
+    for r0 in range(0, n_rows, ROW_BLOCK):
+        rows = r0 + tl.arange(0, ROW_BLOCK)
+        in_range = rows < n_rows
+        if IS_ADAM:
+            steps = tl.load(table_ptr + rows * 8 + 5, mask=in_range, other=0).to(tl.pointer_type(tl.float32))
+            # torch keeps the step in float32 and adds 1 in float32.
+            tl.store(steps, tl.load(steps, mask=in_range) + 1.0, mask=in_range)
+        else:
+            tl.store(table_ptr + rows * 8 + 5, tl.zeros([ROW_BLOCK], dtype=tl.int64), mask=in_range)
+    tl.store(counter_ptr, 0)
+
+
+@triton.jit
+def _finish(table_ptr, counter_ptr, n_rows, IS_ADAM: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Takes this program's ticket; the last program advances the steps (or clears the fresh flags)."""
+    # The ticket is taken by one thread: the barrier makes every thread's reads of steps / flags precede it.
+    tl.debug_barrier()
+    # acq_rel: the other programs' reads happen before the last program's writes.
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, IS_ADAM, ROW_BLOCK)
+
+
+@triton.jit
+def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, PARAM_DTYPE: tl.constexpr,
+                BLOCK: tl.constexpr, CHUNK: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Adam / AdamW over every chunk of the bucket; see the module docstring for the tables."""
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        row = tl.load(chunks_ptr + 2 * c)
+        start = tl.load(chunks_ptr + 2 * c + 1)
+        entry = table_ptr + row * 8
+        param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+        grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+        exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_ptr = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
+        max_exp_avg_sq_ptr = tl.load(entry + 4).to(tl.pointer_type(tl.float32))
+        step_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
+        numel = tl.load(entry + 6)
+        h = hyper_ptr + tl.load(entry + 7) * 8
+
+        # adam_coeffs: float64 scalars, rounded to float32 once.
+        lr = tl.load(h + 0)
+        beta1 = tl.load(h + 1)
+        beta2 = tl.load(h + 2)
+        eps = tl.load(h + 3).to(tl.float32)
+        wd = tl.load(h + 4)
+        flags = tl.load(h + 7).to(tl.int32)
+        step = (tl.load(step_ptr) + 1.0).to(tl.float64)  # the float32 step after torch's increment
+        bias_correction1 = 1.0 - _pow(beta1, step)
+        bias_correction2 = 1.0 - _pow(beta2, step)
+        lerp_w = 1.0 - beta1
+        lerp_weight = lerp_w.to(tl.float32)
+        one_minus_lerp = 1.0 - lerp_weight
+        lerp_small = tl.abs(lerp_w) < 0.5  # torch.lerp's choice of formula
+        decay = (1.0 - lr * wd).to(tl.float32)
+        weight_decay = wd.to(tl.float32)
+        beta2_f = beta2.to(tl.float32)
+        one_minus_beta2 = (1.0 - beta2).to(tl.float32)
+        bc2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)  # float64 sqrt is correctly rounded
+        neg_step_size = ((lr / bias_correction1) * -1.0).to(tl.float32)
+        grad_sign = tl.where((flags & _MAXIMIZE) != 0, -1.0, 1.0)
+        amsgrad = (flags & _AMSGRAD) != 0
+        decoupled = (flags & _DECOUPLED_WEIGHT_DECAY) != 0
+        # Adam's L2 term; kNoWeightDecay: torch skips the add when weight_decay == 0.
+        l2 = ((flags & _DECOUPLED_WEIGHT_DECAY) == 0) & (wd != 0.0)
+
+        end = tl.minimum(start + CHUNK, numel)
+        for off in range(start, end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            mask = offs < end
+            p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+            g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+            m = tl.load(exp_avg_ptr + offs, mask=mask)
+            v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
+            vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=mask & amsgrad)
+
+            # adam_element, operation for operation.
+            g = g * grad_sign
+            p = tl.where(decoupled, p * decay, p)
+            g = tl.where(l2, g + weight_decay * p, g)
+            m = tl.where(lerp_small, m + lerp_weight * (g - m), g - (g - m) * one_minus_lerp)
+            v = v * beta2_f
+            v = v + one_minus_beta2 * g * g
+            vmax = tl.where((vmax != vmax) | (vmax > v), vmax, v)  # torch.maximum propagates NaN
+            second = tl.where(amsgrad, vmax, v)
+            denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
+            p = p + tl.div_rn(neg_step_size * m, denom)
+
+            tl.store(param_ptr + offs, _to_param_dtype(p, PARAM_DTYPE), mask=mask)
+            tl.store(exp_avg_ptr + offs, m, mask=mask)
+            tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+            tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=mask & amsgrad)
+
+    _finish(table_ptr, counter_ptr, n_rows, True, ROW_BLOCK)
+
+
+@triton.jit
+def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, PARAM_DTYPE: tl.constexpr,
+               BLOCK: tl.constexpr, CHUNK: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """SGD (momentum, dampening, Nesterov) over every chunk of the bucket; see the module docstring."""
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        row = tl.load(chunks_ptr + 2 * c)
+        start = tl.load(chunks_ptr + 2 * c + 1)
+        entry = table_ptr + row * 8
+        param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+        grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+        buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+        fresh_flag = tl.load(entry + 5)
+        fresh = fresh_flag != 0
+        numel = tl.load(entry + 6)
+        h = hyper_ptr + tl.load(entry + 7) * 8
+
+        # sgd_coeffs
+        lr = tl.load(h + 0)
+        wd = tl.load(h + 4)
+        momentum = tl.load(h + 5)
+        flags = tl.load(h + 7).to(tl.int32)
+        neg_lr = (lr * -1.0).to(tl.float32)
+        weight_decay = wd.to(tl.float32)
+        momentum_f = momentum.to(tl.float32)
+        one_minus_dampening = (1.0 - tl.load(h + 6)).to(tl.float32)
+        grad_sign = tl.where((flags & _MAXIMIZE) != 0, -1.0, 1.0)
+        nesterov = (flags & _NESTEROV) != 0
+        has_wd = wd != 0.0
+        has_momentum = momentum != 0.0
+
+        end = tl.minimum(start + CHUNK, numel)
+        for off in range(start, end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            mask = offs < end
+            p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+            g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+            buf = tl.load(buf_ptr + offs, mask=mask & has_momentum & (fresh_flag == 0))
+
+            # sgd_element, operation for operation.
+            g = g * grad_sign
+            g = tl.where(has_wd, g + weight_decay * p, g)
+            buf = tl.where(fresh, g, buf * momentum_f + one_minus_dampening * g)
+            g = tl.where(has_momentum, tl.where(nesterov, g + momentum_f * buf, buf), g)
+            p = p + neg_lr * g
+
+            tl.store(param_ptr + offs, _to_param_dtype(p, PARAM_DTYPE), mask=mask)
+            tl.store(buf_ptr + offs, buf, mask=mask & has_momentum)
+
+    _finish(table_ptr, counter_ptr, n_rows, False, ROW_BLOCK)
+
+
+def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps):
+    if param_dtype not in _TL_DTYPES:
+        raise ValueError(f"parameters must be float32, bfloat16 or float16, got {param_dtype}")
+    if BLOCK <= 0 or BLOCK & (BLOCK - 1) or CHUNK % BLOCK:
+        raise ValueError(f"BLOCK must be a power of two dividing CHUNK, got BLOCK={BLOCK}, CHUNK={CHUNK}")
+    n_rows, n_chunks = table.shape[0], chunks.shape[0]
+    if n_rows == 0:
+        return
+    # At least one program even without chunks (a bucket of empty tensors): the steps must still advance.
+    grid = (max(1, min(num_programs, n_chunks)),)
+    kernel[grid](
+        table, chunks, hyper, counter, n_rows, n_chunks,
+        PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, ROW_BLOCK=_ROW_BLOCK,
+        num_warps=num_warps,
+        # The C++ kernels round every multiply and add separately (optim_math.h); so must this one.
+        enable_fp_fusion=False,
+    )
+
+
+def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
+                param_dtype: torch.dtype, num_programs: int, *, BLOCK: int = DEFAULT_BLOCK,
+                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+    """One Adam/AdamW step of a bucket, steps included, in one launch.
+
+    table: int64 [n, 8] address table; chunks: int64 [n_chunks, 2] from ``build_chunks(numels, CHUNK)``; hyper:
+    float64 [groups, 8]; counter: int32 [1], zero before the first launch (each launch leaves it zero). All on the
+    parameters' device. num_programs: persistent programs to run (e.g. min(n_chunks, 4 * SMs)).
+    """
+    _launch(adam_kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps)
+
+
+def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
+               param_dtype: torch.dtype, num_programs: int, *, BLOCK: int = DEFAULT_BLOCK,
+               CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+    """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards.
+
+    Arguments as for ``launch_adam``.
+    """
+    _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps)

@@ -1,0 +1,164 @@
+"""fused_sched.Adam and fused_sched.AdamW: torch.optim.Adam / AdamW computed by one fused call per
+(device, dtype) bucket."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _hyper
+from ._fused_optimizer import FusedOptimizer, _Bucket
+
+_ALGORITHM = r"""
+    .. math::
+       \begin{aligned}
+       &g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) \quad (-g_t \text{ if maximize}) \\
+       &\textbf{AdamW: } \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda) \qquad
+        \textbf{Adam: } g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+       &m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \qquad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+       &\hat v_t \leftarrow \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+       &\theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+        \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+       \end{aligned}
+
+    The arithmetic runs in float32 whatever the parameter dtype (float32, bfloat16, float16); the states
+    ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) are float32 and ``step`` is a float32 tensor on the
+    parameter's device. The scalars (bias corrections, step size) are computed in float64 from the step counter,
+    with torch's operation order, so float32 results match torch.optim to a few ulps.
+"""
+
+_ARGS = """
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or Tensor): learning rate (default: 1e-3). A one-element tensor is accepted.
+        betas (Tuple[float, float]): coefficients of the running averages of the gradient and its square
+            (default: (0.9, 0.999)).
+        eps (float): term added to the denominator (default: 1e-8).
+        weight_decay (float): weight decay coefficient (default: {wd}).
+        amsgrad (bool): use the maximum of past squared-gradient averages (default: False).
+        maximize (bool): maximize the objective instead of minimizing it (default: False).
+        backend (str): "auto" (cpu for CPU tensors, triton for CUDA tensors), "cpu", "triton" or "cuda".
+        foreach, fused, capturable: accepted so that code written for torch.optim runs unchanged; fused_sched
+            always runs fused and its steps never synchronize, so they change nothing. They are kept in the param
+            groups so a state_dict loads into torch.optim with the same settings.
+        differentiable (bool): must be False; fused_sched does not differentiate through the step.
+"""
+
+
+class Adam(FusedOptimizer):
+    __doc__ = (
+        "Adam (Kingma & Ba) with L2 weight decay added to the gradient, as torch.optim.Adam; "
+        "``decoupled_weight_decay=True`` gives AdamW.\n" + _ALGORITHM + _ARGS.format(wd="0")
+        + "        decoupled_weight_decay (bool): decay the weights directly (AdamW) instead of adding L2 to the "
+        "gradient (default: False).\n"
+    )
+
+    _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _has_step = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+
+    def _validate_group(self, group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        eps = group["eps"]
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"betas must hold two values, got {betas!r}")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if group.get("differentiable"):
+            raise ValueError("fused_sched does not support differentiable=True")
+
+    def _row(self, group: dict) -> tuple:
+        return _hyper.adam_row(group)
+
+    def _needed_states(self, group: dict) -> tuple[bool, ...]:
+        return (True, True, bool(group["amsgrad"]))
+
+    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
+        bucket.native.adam_step(hyper)
+
+
+class AdamW(Adam):
+    __doc__ = (
+        "AdamW (Loshchilov & Hutter): Adam with decoupled weight decay, as torch.optim.AdamW.\n"
+        + _ALGORITHM + _ARGS.format(wd="1e-2")
+    )
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            backend=backend,
+        )
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

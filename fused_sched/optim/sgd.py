@@ -1,0 +1,105 @@
+"""fused_sched.SGD: torch.optim.SGD computed by one fused call per (device, dtype) bucket."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _hyper
+from ._fused_optimizer import FusedOptimizer, _Bucket
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent with optional momentum, dampening, Nesterov momentum and weight decay, as
+    torch.optim.SGD.
+
+    .. math::
+       \begin{aligned}
+       &g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) \quad (-g_t \text{ if maximize}) \\
+       &g_t \leftarrow g_t + \lambda\theta_{t-1} \quad \text{if } \lambda \neq 0 \\
+       &b_t \leftarrow g_t \text{ at the first step, else } \mu b_{t-1} + (1-\tau) g_t
+        \quad \text{if } \mu \neq 0 \\
+       &g_t \leftarrow g_t + \mu b_t \text{ if nesterov else } b_t \quad \text{if } \mu \neq 0 \\
+       &\theta_t \leftarrow \theta_{t-1} - \gamma g_t
+       \end{aligned}
+
+    Float32 arithmetic whatever the parameter dtype; ``momentum_buffer`` is float32 (created only when
+    momentum is not 0, as in torch).
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or Tensor): learning rate (default: 1e-3).
+        momentum (float): momentum factor (default: 0).
+        dampening (float): dampening for momentum (default: 0).
+        weight_decay (float): L2 penalty (default: 0).
+        nesterov (bool): Nesterov momentum; needs momentum > 0 and zero dampening (default: False).
+        maximize (bool): maximize the objective instead of minimizing it (default: False).
+        backend (str): "auto", "cpu", "triton" or "cuda".
+        foreach, fused: accepted for compatibility with torch.optim code; they change nothing.
+        differentiable (bool): must be False.
+    """
+
+    _state_keys = ("momentum_buffer",)
+    _has_step = False
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _validate_group(self, group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if group["momentum"] < 0.0:
+            raise ValueError(f"Invalid momentum value: {group['momentum']}")
+        if group["weight_decay"] < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if group.get("differentiable"):
+            raise ValueError("fused_sched does not support differentiable=True")
+
+    def _row(self, group: dict) -> tuple:
+        return _hyper.sgd_row(group)
+
+    def _needed_states(self, group: dict) -> tuple[bool, ...]:
+        return (group["momentum"] != 0,)
+
+    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
+        bucket.native.sgd_step(hyper, bucket.fresh)
+        if any(bucket.fresh):
+            bucket.fresh = [0] * len(bucket.fresh)
