@@ -177,7 +177,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
-    print(f"# AdamW step on {env['device']} - torch {env['torch']}, triton {env['triton']}, commit {env['commit'][:10]}")
+    print(f"# AdamW step on {env['device']} - torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit'][:10]}")
     rows = []
     for case in args.case or list(CASES):
         rows += run_case(case, device, args.steps)
