@@ -18,7 +18,7 @@ fi
 out=$(mktemp -d)
 for src in "${sources[@]}"; do
   echo "nvcc $src"
-  "$NVCC" -std=c++17 -O3 -lineinfo -Icsrc/include \
+  "$NVCC" -std=c++17 -O3 -lineinfo --fmad=false -Icsrc/include \
     -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
     -c "$src" -o "$out/$(basename "$src").o"
 done

@@ -21,6 +21,19 @@ struct MathOps<at::vec::Vectorized<float>> {
   static V sqrt(const V& x) { return x.sqrt(); }
   static V neg(const V& x) { return x.neg(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V fma(const V& a, const V& b, const V& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    return at::vec::fmadd(a, b, c);  // one vfmadd instruction
+#else
+    // The baseline at::vec::fmadd is a * b + c with two roundings; round once like the other builds.
+    alignas(64) float x[V::size()], y[V::size()], z[V::size()];
+    a.store(x);
+    b.store(y);
+    c.store(z);
+    for (int i = 0; i < V::size(); ++i) x[i] = std::fma(x[i], y[i], z[i]);
+    return V::loadu(x);
+#endif
+  }
 };
 }  // namespace fused_sched
 
@@ -29,9 +42,9 @@ namespace fused_sched::cpu::CPU_CAPABILITY {
 using FVec = at::vec::Vectorized<float>;
 
 inline AdamCoeffs<FVec> broadcast(const AdamCoeffs<float>& c) {
-  return {FVec(c.decay),   FVec(c.weight_decay),    FVec(c.lerp_weight), FVec(c.one_minus_lerp), FVec(c.beta2),
-          FVec(c.one_minus_beta2), FVec(c.bc2_sqrt), FVec(c.eps),         FVec(c.neg_step_size),  c.lerp_small,
-          c.flags};
+  return {FVec(c.decay),       FVec(c.weight_decay), FVec(c.lerp_weight), FVec(c.lerp_weight_minus_one),
+          FVec(c.beta2),       FVec(c.one_minus_beta2), FVec(c.bc2_sqrt), FVec(c.eps),
+          FVec(c.neg_step_size), c.lerp_small,     c.flags};
 }
 
 inline SgdCoeffs<FVec> broadcast(const SgdCoeffs<float>& c) {

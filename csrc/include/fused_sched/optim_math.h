@@ -59,8 +59,8 @@ template <typename T>
 struct AdamCoeffs {
   T decay;           // 1 - lr * wd (AdamW) ; unused for Adam
   T weight_decay;    // L2 coefficient (Adam)
-  T lerp_weight;     // 1 - beta1
-  T one_minus_lerp;  // 1 - (1 - beta1), the large-weight branch of torch.lerp
+  T lerp_weight;           // 1 - beta1
+  T lerp_weight_minus_one;  // (1 - beta1) - 1, the large-weight branch of torch.lerp
   T beta2;
   T one_minus_beta2;
   T bc2_sqrt;        // sqrt(1 - beta2^step)
@@ -80,7 +80,7 @@ FS_HOST_DEVICE AdamCoeffs<float> adam_coeffs(const double* row, double step) {
   c.decay = static_cast<float>(1.0 - lr * wd);
   c.weight_decay = static_cast<float>(wd);
   c.lerp_weight = lerp_wf;
-  c.one_minus_lerp = 1.0f - lerp_wf;
+  c.lerp_weight_minus_one = lerp_wf - 1.0f;
   c.beta2 = static_cast<float>(beta2);
   c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.bc2_sqrt = static_cast<float>(sqrt(bias_correction2));
@@ -92,6 +92,11 @@ FS_HOST_DEVICE AdamCoeffs<float> adam_coeffs(const double* row, double step) {
   return c;
 }
 
+// Rounding: every operation rounds on its own (the build turns off FMA contraction), except where torch's
+// vectorized CPU kernels round a multiply-add once, which MathOps::fma reproduces: `add(a, b, alpha=s)` is
+// fma(b, s, a) and `lerp` is fma(weight or weight - 1, end - start, start or end). Matching torch there matters
+// where the sum nearly cancels (grad + wd * param for a parameter about to cross zero).
+//
 // The few operations that are not plain arithmetic operators. The CPU kernels specialize MathOps for
 // at::vec::Vectorized<float>, so the same element functions run on scalars and on vectors.
 template <typename T>
@@ -103,6 +108,8 @@ struct MathOps<float> {
   static FS_HOST_DEVICE float neg(float x) { return -x; }
   // torch.maximum propagates NaN from either side.
   static FS_HOST_DEVICE float max(float a, float b) { return (a != a || a > b) ? a : b; }
+  // a * b + c rounded once.
+  static FS_HOST_DEVICE float fma(float a, float b, float c) { return fmaf(a, b, c); }
 };
 
 // One Adam/AdamW element: p, m, v, vmax updated in place; g is the gradient as stored.
@@ -112,10 +119,10 @@ FS_HOST_DEVICE void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamCoeff
   if (c.flags & kDecoupledWeightDecay) {
     p = p * c.decay;
   } else if (!(c.flags & kNoWeightDecay)) {
-    g = g + c.weight_decay * p;
+    g = MathOps<T>::fma(p, c.weight_decay, g);  // grad.add(param, alpha=weight_decay)
   }
   // exp_avg.lerp_(grad, 1 - beta1)
-  m = c.lerp_small ? m + c.lerp_weight * (g - m) : g - (g - m) * c.one_minus_lerp;
+  m = c.lerp_small ? MathOps<T>::fma(c.lerp_weight, g - m, m) : MathOps<T>::fma(c.lerp_weight_minus_one, g - m, g);
   // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
   v = v * c.beta2;
   v = v + c.one_minus_beta2 * g * g;
@@ -155,17 +162,17 @@ FS_HOST_DEVICE SgdCoeffs<float> sgd_coeffs(const double* row) {
 template <typename T>
 FS_HOST_DEVICE void sgd_element(T& p, T g, T& buf, bool fresh, const SgdCoeffs<T>& c) {
   if (c.flags & kMaximize) g = MathOps<T>::neg(g);
-  if (!(c.flags & kNoWeightDecay)) g = g + c.weight_decay * p;
+  if (!(c.flags & kNoWeightDecay)) g = MathOps<T>::fma(p, c.weight_decay, g);  // grad.add(param, alpha=wd)
   if (c.has_momentum) {
     if (fresh) {
       buf = g;
     } else {
-      buf = buf * c.momentum;
-      buf = buf + c.one_minus_dampening * g;
+      // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+      buf = MathOps<T>::fma(g, c.one_minus_dampening, buf * c.momentum);
     }
-    g = (c.flags & kNesterov) ? g + c.momentum * buf : buf;
+    g = (c.flags & kNesterov) ? MathOps<T>::fma(buf, c.momentum, g) : buf;  // grad.add(buf, alpha=momentum)
   }
-  p = p + c.neg_lr * g;
+  p = MathOps<T>::fma(g, c.neg_lr, p);  // param.add_(grad, alpha=-lr)
 }
 
 }  // namespace FS_MATH_ABI
