@@ -23,4 +23,10 @@ INCLUDE_DIRS = ["csrc/include", "csrc"]
 # with fp fusion off) and torch's scalar formulas; GCC would otherwise fuse them into FMAs in the AVX2/AVX-512
 # builds and the backends would drift apart by an ulp a step (measured on SGD momentum buffers).
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
-NVCC_FLAGS = ["-O3", "-lineinfo", "--fmad=false", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+NVCC_FLAGS = [
+    "-O3",
+    "-lineinfo",
+    "--fmad=false",
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+]
