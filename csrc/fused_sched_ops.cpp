@@ -32,6 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("adam_step", &fused_sched::OptimBucket::adam_step)
       .def("sgd_step", &fused_sched::OptimBucket::sgd_step)
       .def("address_table", &fused_sched::OptimBucket::address_table)
+      .def("table_changed", &fused_sched::OptimBucket::table_changed)
       .def("__len__", &fused_sched::OptimBucket::size);
   pybind11::class_<fused_sched::NoGradWatch>(m, "NoGradWatch")
       .def(pybind11::init<std::vector<at::Tensor>>())

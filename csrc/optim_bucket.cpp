@@ -21,6 +21,7 @@ OptimBucket::OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector
     TORCH_CHECK(list.empty() || list.size() == params_.size(), "fused_sched: one state tensor per param");
   }
   grads_.resize(params_.size());
+  table_ = at::zeros({static_cast<int64_t>(params_.size()), 8}, at::kLong);
 }
 
 std::string OptimBucket::refresh_grads() {
@@ -43,8 +44,29 @@ std::string OptimBucket::refresh_grads() {
         return fail("param shape changed");
       }
     }
-    grads_[i] = g;
   }
+  // Every check passed: adopt the gradients and refresh the address table in the same pass.
+  int64_t* t = table_.data_ptr<int64_t>();
+  auto addr = [](const at::Tensor& x) -> int64_t {
+    return x.defined() && x.numel() > 0 ? reinterpret_cast<int64_t>(x.data_ptr()) : 0;
+  };
+  bool changed = false;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    grads_[i] = params_[i].grad();
+    int64_t row[8];
+    row[0] = addr(params_[i]);
+    row[1] = addr(grads_[i]);
+    for (size_t k = 0; k < 3; ++k) row[2 + k] = k < states_.size() && !states_[k].empty() ? addr(states_[k][i]) : 0;
+    row[5] = steps_.empty() ? 0 : addr(steps_[i]);
+    row[6] = params_[i].numel();
+    row[7] = group_index_[i];
+    int64_t* dst = t + i * 8;
+    for (int c = 0; c < 8; ++c) {
+      changed |= dst[c] != row[c];
+      dst[c] = row[c];
+    }
+  }
+  table_changed_ = changed;
   return {};
 }
 
@@ -66,25 +88,6 @@ void OptimBucket::sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& 
   RECORD_FUNCTION("fused_sched::sgd_step_", std::vector<c10::IValue>());
   TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::sgd_step runs CPU buckets");
   cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), hyper, group_index_, fresh_buffers);
-}
-
-at::Tensor OptimBucket::address_table() const {
-  const int64_t n = static_cast<int64_t>(params_.size());
-  at::Tensor table = at::zeros({n, 8}, at::kLong);
-  int64_t* t = table.data_ptr<int64_t>();
-  auto addr = [](const at::Tensor& x) -> int64_t {
-    return x.defined() && x.numel() > 0 ? reinterpret_cast<int64_t>(x.data_ptr()) : 0;
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t* row = t + i * 8;
-    row[0] = addr(params_[i]);
-    row[1] = addr(grads_[i]);
-    for (size_t k = 0; k < 3; ++k) row[2 + k] = k < states_.size() && !states_[k].empty() ? addr(states_[k][i]) : 0;
-    row[5] = steps_.empty() ? 0 : addr(steps_[i]);
-    row[6] = params_[i].numel();
-    row[7] = group_index_[i];
-  }
-  return table;
 }
 
 bool NoGradWatch::still_none() const {

@@ -23,15 +23,19 @@ class OptimBucket {
 
   // Reads every parameter's .grad. Returns an empty string when all gradients are present and laid out like
   // their parameters and no parameter changed dtype, device or shape; otherwise a description of the first
-  // difference (nothing is modified).
+  // difference (nothing is modified). On success it also refreshes the address table and records whether any
+  // address in it changed (table_changed()).
   std::string refresh_grads();
 
   void adam_step(const at::Tensor& hyper);
   void sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers);
 
   // int64 [n, 8] table of (param, grad, state0, state1, state2, step) addresses, numel and group index, on the
-  // CPU; rows of absent states hold 0. Valid after refresh_grads().
-  at::Tensor address_table() const;
+  // CPU; rows of absent states hold 0. Valid after refresh_grads(); the same tensor every time (the caller may
+  // write column 5, which the next refresh_grads() overwrites with the step addresses, or 0).
+  at::Tensor address_table() const { return table_; }
+  // Whether the last refresh_grads() changed any entry of the address table.
+  bool table_changed() const { return table_changed_; }
 
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 
@@ -43,6 +47,8 @@ class OptimBucket {
   std::vector<int64_t> group_index_;
   at::ScalarType dtype_;
   at::Device device_;
+  at::Tensor table_;
+  bool table_changed_ = true;
 };
 
 // True when no tensor in `params` has a gradient (the parameters that a plan skipped must still have none).

@@ -3,6 +3,7 @@ with an error at most twice the error of torch.optim itself in that dtype."""
 
 import pytest
 import torch
+
 from optim_reference import FUSED, TORCH, clone_leaves, draw_grads, make_params, set_grads
 
 CASES = [

@@ -1,8 +1,9 @@
 """fused_sched optimizers against torch.optim (foreach=False), float32, step after step."""
 
-import fused_sched._C as native
 import pytest
 import torch
+
+import fused_sched._C as native
 from optim_reference import twin_run
 
 ADAM_CASES = [

@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+
 from optim_reference import FUSED, TORCH, clone_leaves, compare, draw_grads, grouped, make_params, set_grads
 
 CASES = [

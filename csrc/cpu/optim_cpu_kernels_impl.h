@@ -78,8 +78,7 @@ struct ParamIO<float> {
 };
 
 template <typename scalar_t>
-void adam_range(const TensorSlot& t, int64_t begin, int64_t end) {
-  const AdamCoeffs<float> c = adam_coeffs(t.hyper, t.step);
+void adam_range(const TensorSlot& t, const AdamCoeffs<float>& c, int64_t begin, int64_t end) {
   using IO = ParamIO<scalar_t>;
   constexpr int64_t V = IO::kVectors;
   constexpr int64_t F = FVec::size();
@@ -116,14 +115,13 @@ void adam_range(const TensorSlot& t, int64_t begin, int64_t end) {
 }
 
 template <typename scalar_t>
-void sgd_range(const TensorSlot& t, int64_t begin, int64_t end) {
+void sgd_range(const TensorSlot& t, const SgdCoeffs<float>& c, int64_t begin, int64_t end) {
   using IO = ParamIO<scalar_t>;
   constexpr int64_t V = IO::kVectors;
   constexpr int64_t F = FVec::size();
   auto* p = static_cast<scalar_t*>(t.param);
   const auto* g = static_cast<const scalar_t*>(t.grad);
   float* buf = t.state0;
-  const SgdCoeffs<float> c = sgd_coeffs(t.hyper);
   const bool has_buf = c.has_momentum;
   const SgdCoeffs<FVec> cv = broadcast(c);
   int64_t i = begin;
@@ -159,9 +157,16 @@ inline void dispatch_param_type(ParamType type, Fn&& fn) {
 inline void adam_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
+    // A tensor's chunks are consecutive: its scalars (two pow() calls) are computed once, not once a chunk.
+    int64_t current = -1;
+    AdamCoeffs<float> c{};
     for (int64_t k = first; k < last; ++k) {
       const Chunk& ch = chunks[k];
-      adam_range<scalar_t>(slots[ch.tensor], ch.begin, ch.end);
+      if (ch.tensor != current) {
+        current = ch.tensor;
+        c = adam_coeffs(slots[current].hyper, slots[current].step);
+      }
+      adam_range<scalar_t>(slots[ch.tensor], c, ch.begin, ch.end);
     }
   });
 }
@@ -169,9 +174,15 @@ inline void adam_chunks(ParamType type, const TensorSlot* slots, const Chunk* ch
 inline void sgd_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
+    int64_t current = -1;
+    SgdCoeffs<float> c{};
     for (int64_t k = first; k < last; ++k) {
       const Chunk& ch = chunks[k];
-      sgd_range<scalar_t>(slots[ch.tensor], ch.begin, ch.end);
+      if (ch.tensor != current) {
+        current = ch.tensor;
+        c = sgd_coeffs(slots[current].hyper);
+      }
+      sgd_range<scalar_t>(slots[ch.tensor], c, ch.begin, ch.end);
     }
   });
 }

@@ -26,7 +26,9 @@ Design
 Numerics mirror csrc/include/fused_sched/optim_math.h operation by operation, so results agree with the C++
 backends (and torch.optim) to the last bit or so:
 
-* the launch disables fp fusion: a multiply and an add are two roundings there, never one fma;
+* a multiply-add rounds once exactly where optim_math.h calls MathOps::fma (where torch's vectorized CPU kernels
+  fuse: add with alpha, lerp), through an explicit ``tl.fma``; everywhere else the launch disables fp fusion, so
+  a multiply and an add round twice;
 * divisions and square roots are IEEE round-to-nearest (``tl.div_rn`` / ``tl.sqrt_rn``, not the approximate
   defaults of ``/`` and ``tl.sqrt`` on float32);
 * beta ** step is computed in double-double arithmetic (``_pow``): libdevice's pow is unavailable under the
@@ -175,7 +177,7 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         bias_correction2 = 1.0 - _pow(beta2, step)
         lerp_w = 1.0 - beta1
         lerp_weight = lerp_w.to(tl.float32)
-        one_minus_lerp = 1.0 - lerp_weight
+        lerp_weight_minus_one = lerp_weight - 1.0
         lerp_small = tl.abs(lerp_w) < 0.5  # torch.lerp's choice of formula
         decay = (1.0 - lr * wd).to(tl.float32)
         weight_decay = wd.to(tl.float32)
@@ -190,20 +192,24 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         l2 = ((flags & _DECOUPLED_WEIGHT_DECAY) == 0) & (wd != 0.0)
 
         end = tl.minimum(start + CHUNK, numel)
+        # Flags gate the optional states through the end of their masks: (mask & scalar flag) is mistyped by
+        # the Triton interpreter.
+        vmax_end = tl.where(amsgrad, end, start)
         for off in range(start, end, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             mask = offs < end
+            vmax_mask = offs < vmax_end
             p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
             g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
             m = tl.load(exp_avg_ptr + offs, mask=mask)
             v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
-            vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=mask & amsgrad)
+            vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask)
 
             # adam_element, operation for operation.
             g = g * grad_sign
             p = tl.where(decoupled, p * decay, p)
-            g = tl.where(l2, g + weight_decay * p, g)
-            m = tl.where(lerp_small, m + lerp_weight * (g - m), g - (g - m) * one_minus_lerp)
+            g = tl.where(l2, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
+            m = tl.where(lerp_small, tl.fma(lerp_weight, g - m, m), tl.fma(lerp_weight_minus_one, g - m, g))
             v = v * beta2_f
             v = v + one_minus_beta2 * g * g
             vmax = tl.where((vmax != vmax) | (vmax > v), vmax, v)  # torch.maximum propagates NaN
@@ -214,7 +220,7 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
             tl.store(param_ptr + offs, _to_param_dtype(p, PARAM_DTYPE), mask=mask)
             tl.store(exp_avg_ptr + offs, m, mask=mask)
             tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
-            tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=mask & amsgrad)
+            tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=vmax_mask)
 
     _finish(table_ptr, counter_ptr, n_rows, True, ROW_BLOCK)
 
@@ -250,22 +256,25 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         has_momentum = momentum != 0.0
 
         end = tl.minimum(start + CHUNK, numel)
+        # The buffer is read unless it is fresh, written whenever there is momentum (mask ends as in adam_kernel).
+        buf_read_end = tl.where(has_momentum & (fresh_flag == 0), end, start)
+        buf_write_end = tl.where(has_momentum, end, start)
         for off in range(start, end, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             mask = offs < end
             p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
             g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-            buf = tl.load(buf_ptr + offs, mask=mask & has_momentum & (fresh_flag == 0))
+            buf = tl.load(buf_ptr + offs, mask=offs < buf_read_end)
 
             # sgd_element, operation for operation.
             g = g * grad_sign
-            g = tl.where(has_wd, g + weight_decay * p, g)
-            buf = tl.where(fresh, g, buf * momentum_f + one_minus_dampening * g)
-            g = tl.where(has_momentum, tl.where(nesterov, g + momentum_f * buf, buf), g)
-            p = p + neg_lr * g
+            g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
+            buf = tl.where(fresh, g, tl.fma(g, one_minus_dampening, buf * momentum_f))
+            g = tl.where(has_momentum, tl.where(nesterov, tl.fma(buf, momentum_f, g), buf), g)
+            p = tl.fma(g, neg_lr, p)  # param.add_(grad, alpha=-lr)
 
             tl.store(param_ptr + offs, _to_param_dtype(p, PARAM_DTYPE), mask=mask)
-            tl.store(buf_ptr + offs, buf, mask=mask & has_momentum)
+            tl.store(buf_ptr + offs, buf, mask=offs < buf_write_end)
 
     _finish(table_ptr, counter_ptr, n_rows, False, ROW_BLOCK)
 
@@ -284,7 +293,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, BL
         table, chunks, hyper, counter, n_rows, n_chunks,
         PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, ROW_BLOCK=_ROW_BLOCK,
         num_warps=num_warps,
-        # The C++ kernels round every multiply and add separately (optim_math.h); so must this one.
+        # optim_math.h rounds a multiply-add once only where it says so (the tl.fma calls); no other may fuse.
         enable_fp_fusion=False,
     )
 

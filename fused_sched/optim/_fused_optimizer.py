@@ -63,6 +63,8 @@ class FusedOptimizer(Optimizer):
     _state_keys: tuple[str, ...] = ()
     #: True when the optimizer keeps torch's per-parameter ``step`` tensor.
     _has_step = False
+    #: Kernel family: "adam" or "sgd".
+    _algorithm = ""
 
     def __init__(self, params, defaults: dict, backend: str = "auto"):
         backends.check_name(backend)
@@ -241,6 +243,10 @@ class FusedOptimizer(Optimizer):
                     states.append([])
             steps = [self.state[p]["step"] for p in bucket.params] if self._has_step else []
             bucket.native = native.OptimBucket(bucket.params, states, steps, bucket.group_index)
+            if bucket.backend == "triton":
+                from ..backends.triton_backend import TritonBucketRunner
+
+                bucket.runner = TritonBucketRunner(device, dtype, self._algorithm)
             # SGD: a momentum buffer created by this step takes the gradient as it is (torch clones it).
             bucket.fresh = [int(m[2]) for m in members]
             problem = bucket.native.refresh_grads()

@@ -54,6 +54,7 @@ class Adam(FusedOptimizer):
 
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _has_step = True
+    _algorithm = "adam"
 
     def __init__(
         self,
@@ -127,7 +128,10 @@ class Adam(FusedOptimizer):
         return (True, True, bool(group["amsgrad"]))
 
     def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
-        bucket.native.adam_step(hyper)
+        if bucket.runner is not None:
+            bucket.runner.run(bucket.native, hyper)
+        else:
+            bucket.native.adam_step(hyper)
 
 
 class AdamW(Adam):

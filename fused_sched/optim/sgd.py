@@ -40,6 +40,7 @@ class SGD(FusedOptimizer):
 
     _state_keys = ("momentum_buffer",)
     _has_step = False
+    _algorithm = "sgd"
 
     def __init__(
         self,
@@ -100,6 +101,9 @@ class SGD(FusedOptimizer):
         return (group["momentum"] != 0,)
 
     def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
-        bucket.native.sgd_step(hyper, bucket.fresh)
+        if bucket.runner is not None:
+            bucket.runner.run(bucket.native, hyper, bucket.fresh)
+        else:
+            bucket.native.sgd_step(hyper, bucket.fresh)
         if any(bucket.fresh):
             bucket.fresh = [0] * len(bucket.fresh)

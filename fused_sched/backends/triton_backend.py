@@ -1,0 +1,146 @@
+"""The Triton backend: device tables for one bucket and the launch; the registered custom ops.
+
+Eager path (the optimizers): ``TritonBucketRunner`` keeps the bucket's address table, chunk map and ticket
+counter on the device. Each step the C++ bucket, while it checks the gradients, rewrites its host copy of the
+address table and notes whether any entry changed (2000 tensors: ~100 us for the check and the table together on
+the 2-core CI machine). Only a changed table is copied to the device (pinned memory, non-blocking: no host-device
+sync), and only when a tensor size changes is the chunk map rebuilt. Then one launch updates the whole bucket.
+
+Registered ops: ``torch.ops.fused_sched.triton_adam_step_`` / ``triton_sgd_step_`` take tensor lists like the C++
+ops and declare what they mutate, for callers that want the dispatcher (torch.compile treats them as opaque
+custom ops). They build the tables on every call, so the optimizers use the runner instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import triton_interpreted
+from . import triton_kernels as kernels
+
+# Under the interpreter every Triton operation is a numpy call with Python overhead, so fewer, larger blocks
+# run faster (CI time); three programs still exercise the persistent loop and the last-program ticket.
+_INTERPRETER_BLOCK = 8192
+_INTERPRETER_CHUNK = 32768
+_INTERPRETER_PROGRAMS = 3
+# Persistent programs per SM on a GPU. Untuned: no GPU was lent when this was written.
+_PROGRAMS_PER_SM = 4
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _launch_config(device: torch.device, numels: list[int]) -> tuple[dict, torch.Tensor]:
+    """Block and chunk sizes for `device`, the host chunk map of tensors of `numels` elements, and the number of
+    persistent programs (never more than there are chunks, at least one)."""
+    if device.type == "cpu" or triton_interpreted():
+        programs, block, chunk = _INTERPRETER_PROGRAMS, _INTERPRETER_BLOCK, _INTERPRETER_CHUNK
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs, block, chunk = _PROGRAMS_PER_SM * _num_sms(index), kernels.DEFAULT_BLOCK, kernels.DEFAULT_CHUNK
+    chunks = kernels.build_chunks(numels, chunk)
+    return {"num_programs": max(1, min(programs, chunks.shape[0])), "BLOCK": block, "CHUNK": chunk}, chunks
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return host.clone()
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class TritonBucketRunner:
+    """Device-resident tables of one bucket, rebuilt only when an address or a size changes."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
+        if algorithm not in ("adam", "sgd"):
+            raise ValueError(f"unknown algorithm {algorithm!r}")
+        self.device = device
+        self.dtype = dtype
+        self.launch = kernels.launch_adam if algorithm == "adam" else kernels.launch_sgd
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+        self.table = None
+        self.numels = None
+        self.chunks = None
+        self.config = None
+        self.uploads = 0  # how many times the address table was copied to the device (tests read it)
+
+    def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None) -> None:
+        # refresh_grads() (called by the plan check just before) rewrote the bucket's host table and noted
+        # whether any address changed: that is the whole per-step check.
+        changed = native_bucket.table_changed() or self.table is None
+        if fresh is not None and any(fresh):
+            native_bucket.address_table()[:, 5] = torch.tensor(fresh, dtype=torch.int64)
+            changed = True
+        if changed:
+            self._rebuild(native_bucket.address_table())
+        self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
+                    BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"])
+
+    def _rebuild(self, host: torch.Tensor) -> None:
+        numels = host[:, 6]
+        if self.numels is None or not torch.equal(numels, self.numels):
+            self.config, chunks = _launch_config(self.device, numels.tolist())
+            self.chunks = _to_device(chunks, self.device)
+            self.numels = numels.clone()
+        self.table = _to_device(host, self.device)
+        self.uploads += 1
+
+
+def _address_table(params, grads, states, steps, group_index) -> torch.Tensor:
+    def addr(t):
+        return t.data_ptr() if t is not None and t.numel() > 0 else 0
+
+    rows = []
+    for i, p in enumerate(params):
+        state_addrs = [addr(column[i]) if column else 0 for column in states]
+        state_addrs += [0] * (3 - len(state_addrs))
+        step = steps[i] if isinstance(steps[i], int) else addr(steps[i])  # SGD passes its fresh flags here
+        rows.append([addr(p), addr(grads[i]), *state_addrs, step, p.numel(), group_index[i]])
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(params), 8)
+
+
+def _launch_from_lists(launch, params, table_host, hyper):
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    config, chunks = _launch_config(device, table_host[:, 6].tolist())
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    launch(_to_device(table_host, device), _to_device(chunks, device), hyper, counter, dtype,
+           config["num_programs"], BLOCK=config["BLOCK"], CHUNK=config["CHUNK"])
+
+
+@torch.library.custom_op(
+    "fused_sched::triton_adam_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")
+)
+def triton_adam_step_(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
+    hyper: torch.Tensor, group_index: list[int],
+) -> None:
+    """Adam / AdamW over one bucket with the Triton kernel; arguments as fused_sched::adam_step_."""
+    table = _address_table(params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps, group_index)
+    _launch_from_lists(kernels.launch_adam, params, table, hyper)
+
+
+@triton_adam_step_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, group_index) -> None:
+    return None
+
+
+@torch.library.custom_op("fused_sched::triton_sgd_step_", mutates_args=("params", "momentum_buffers"))
+def triton_sgd_step_(
+    params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+    hyper: torch.Tensor, group_index: list[int], fresh_buffers: list[int],
+) -> None:
+    """SGD over one bucket with the Triton kernel; arguments as fused_sched::sgd_step_."""
+    table = _address_table(params, grads, [momentum_buffers], list(fresh_buffers), group_index)
+    _launch_from_lists(kernels.launch_sgd, params, table, hyper)
+
+
+@triton_sgd_step_.register_fake
+def _(params, grads, momentum_buffers, hyper, group_index, fresh_buffers) -> None:
+    return None
