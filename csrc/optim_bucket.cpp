@@ -77,17 +77,20 @@ const std::vector<at::Tensor>& state_or_empty(const std::vector<std::vector<at::
 }
 }  // namespace
 
-void OptimBucket::adam_step(const at::Tensor& hyper) {
+void OptimBucket::adam_step(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
+                            const std::optional<at::Tensor>& schedule_step) {
   RECORD_FUNCTION("fused_sched::adam_step_", std::vector<c10::IValue>());
   TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::adam_step runs CPU buckets");
   cpu::adam_step_cpu(params_, grads_, state_or_empty(states_, 0), state_or_empty(states_, 1),
-                     state_or_empty(states_, 2), steps_, hyper, group_index_);
+                     state_or_empty(states_, 2), steps_, hyper, group_index_, schedule, schedule_step);
 }
 
-void OptimBucket::sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers) {
+void OptimBucket::sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
+                           const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step) {
   RECORD_FUNCTION("fused_sched::sgd_step_", std::vector<c10::IValue>());
   TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::sgd_step runs CPU buckets");
-  cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), hyper, group_index_, fresh_buffers);
+  cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), hyper, group_index_, fresh_buffers, schedule,
+                    schedule_step);
 }
 
 bool NoGradWatch::still_none() const {

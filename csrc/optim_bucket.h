@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,8 +28,10 @@ class OptimBucket {
   // address in it changed (table_changed()).
   std::string refresh_grads();
 
-  void adam_step(const at::Tensor& hyper);
-  void sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers);
+  void adam_step(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
+                 const std::optional<at::Tensor>& schedule_step);
+  void sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
+                const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step);
 
   // int64 [n, 8] table of (param, grad, state0, state1, state2, step) addresses, numel and group index, on the
   // CPU; rows of absent states hold 0. Valid after refresh_grads(); the same tensor every time (the caller may

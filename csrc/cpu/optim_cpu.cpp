@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fused_sched/optim_math.h"
+#include "fused_sched/schedule_math.h"
 #include "optim_cpu.h"
 #include "optim_cpu_kernels.h"
 
@@ -81,6 +82,34 @@ void check_companion(const at::Tensor& p, const at::Tensor& t, at::ScalarType dt
   TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sched: ", what, "[", i, "] has shape ",
               t.sizes(), " strides ", t.strides(), " but its parameter ", p.sizes(), " ", p.strides());
   TORCH_CHECK(!t.is_sparse(), "fused_sched: ", what, "[", i, "] is sparse; fused_sched supports dense tensors only");
+}
+
+// The hyper table with every scheduled group's lr and momentum / beta1 replaced by its program's value at the
+// scheduler's step: computed once per call, so the kernels read plain rows.
+at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
+                           const std::optional<at::Tensor>& schedule_step, bool adam) {
+  if (!schedule.has_value() || !schedule->defined()) return hyper;
+  const at::Tensor& table = *schedule;
+  TORCH_CHECK(schedule_step.has_value() && schedule_step->defined(), "fused_sched: a schedule needs its step");
+  const at::Tensor& step = *schedule_step;
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kDouble && table.dim() == 3 &&
+                  table.size(0) == hyper.size(0) && table.size(2) == kScheduleColumns && table.is_contiguous(),
+              "fused_sched: schedule must be a contiguous CPU float64 tensor [groups, segments, ",
+              int(kScheduleColumns), "] with one program per hyper row");
+  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "fused_sched: schedule_step must be a one-element CPU float64 tensor");
+  at::Tensor rows = hyper.clone();
+  double* r = rows.data_ptr<double>();
+  const double* programs = table.data_ptr<double>();
+  const double t = *step.data_ptr<double>();
+  const int64_t segments = table.size(1);
+  for (int64_t g = 0; g < hyper.size(0); ++g) {
+    double value[2] = {0.0, 0.0};
+    const uint32_t set = evaluate_schedule(programs + g * segments * kScheduleColumns, segments, t, value);
+    if (set & (1u << kTargetLr)) r[g * kHyperColumns + kLr] = value[kTargetLr];
+    if (set & (1u << kTargetMomentum)) r[g * kHyperColumns + (adam ? kBeta1 : kMomentum)] = value[kTargetMomentum];
+  }
+  return rows;
 }
 
 struct Bucket {
@@ -161,11 +190,13 @@ void set_cpu_capability(const std::string& name) {
 }
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
-                   at::IntArrayRef group_index) {
+                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper_table,
+                   at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
+                   const std::optional<at::Tensor>& schedule_step) {
   const size_t n = params.size();
   // Every check runs before anything is written: a rejected call leaves parameters and state untouched.
-  check_hyper(hyper, group_index, n);
+  check_hyper(hyper_table, group_index, n);
+  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/true);
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
               "fused_sched: adam_step_ needs one exp_avg, exp_avg_sq and step per param (", n, " params, ",
               exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
@@ -205,9 +236,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers) {
+                  const at::Tensor& hyper_table, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
+                  const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step) {
   const size_t n = params.size();
-  check_hyper(hyper, group_index, n);
+  check_hyper(hyper_table, group_index, n);
+  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/false);
   TORCH_CHECK(momentum_buffers.size() == n || momentum_buffers.empty(), "fused_sched: momentum_buffers has ",
               momentum_buffers.size(), " entries for ", n, " params");
   TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
@@ -233,7 +266,24 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   });
 }
 
+at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step) {
+  TORCH_CHECK(schedule.device().is_cpu() && schedule.scalar_type() == at::kDouble && schedule.dim() == 3 &&
+                  schedule.size(2) == kScheduleColumns,
+              "fused_sched: schedule must be a CPU float64 tensor [groups, segments, ", int(kScheduleColumns), "]");
+  TORCH_CHECK(schedule_step.scalar_type() == at::kDouble && schedule_step.numel() == 1,
+              "fused_sched: schedule_step must be a one-element float64 tensor");
+  const at::Tensor table = schedule.contiguous();
+  const double t = schedule_step.item<double>();
+  at::Tensor out = at::full({table.size(0), 2}, NAN, at::kDouble);
+  double* o = out.data_ptr<double>();
+  for (int64_t g = 0; g < table.size(0); ++g) {
+    evaluate_schedule(table.data_ptr<double>() + g * table.size(1) * kScheduleColumns, table.size(1), t, o + 2 * g);
+  }
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(fused_sched, CPU, m) {
+  m.impl("evaluate_schedule", &evaluate_schedule_cpu);
   m.impl("adam_step_", &adam_step_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
 }

@@ -68,7 +68,8 @@ class TritonBucketRunner:
         self.config = None
         self.uploads = 0  # how many times the address table was copied to the device (tests read it)
 
-    def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None) -> None:
+    def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
+            schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None) -> None:
         # refresh_grads() (called by the plan check just before) rewrote the bucket's host table and noted
         # whether any address changed: that is the whole per-step check.
         changed = native_bucket.table_changed() or self.table is None
@@ -78,7 +79,8 @@ class TritonBucketRunner:
         if changed:
             self._rebuild(native_bucket.address_table())
         self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
-                    BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"])
+                    schedule=schedule, schedule_step=schedule_step, BLOCK=self.config["BLOCK"],
+                    CHUNK=self.config["CHUNK"])
 
     def _rebuild(self, host: torch.Tensor) -> None:
         numels = host[:, 6]

@@ -299,7 +299,8 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, BL
 
 
 def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
-                param_dtype: torch.dtype, num_programs: int, *, BLOCK: int = DEFAULT_BLOCK,
+                param_dtype: torch.dtype, num_programs: int, *, schedule: torch.Tensor | None = None,
+                schedule_step: torch.Tensor | None = None, BLOCK: int = DEFAULT_BLOCK,
                 CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """One Adam/AdamW step of a bucket, steps included, in one launch.
 
@@ -307,14 +308,19 @@ def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, 
     float64 [groups, 8]; counter: int32 [1], zero before the first launch (each launch leaves it zero). All on the
     parameters' device. num_programs: persistent programs to run (e.g. min(n_chunks, 4 * SMs)).
     """
+    if schedule is not None:
+        raise NotImplementedError("device schedules are not wired into the Triton kernels yet")
     _launch(adam_kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps)
 
 
 def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
-               param_dtype: torch.dtype, num_programs: int, *, BLOCK: int = DEFAULT_BLOCK,
+               param_dtype: torch.dtype, num_programs: int, *, schedule: torch.Tensor | None = None,
+                schedule_step: torch.Tensor | None = None, BLOCK: int = DEFAULT_BLOCK,
                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards.
 
     Arguments as for ``launch_adam``.
     """
+    if schedule is not None:
+        raise NotImplementedError("device schedules are not wired into the Triton kernels yet")
     _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps)

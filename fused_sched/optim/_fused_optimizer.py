@@ -74,6 +74,7 @@ class FusedOptimizer(Optimizer):
         self._plan = None
         self._rows = None
         self._hyper = {}
+        self._schedule = None
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------------------------------------------
@@ -85,6 +86,10 @@ class FusedOptimizer(Optimizer):
 
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
         """Which of ``_state_keys`` a param of this group needs."""
+        raise NotImplementedError
+
+    def _momentum_column(self) -> int:
+        """The hyper column that a schedule's momentum target drives (Adam: beta1, SGD: momentum)."""
         raise NotImplementedError
 
     def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
@@ -100,7 +105,30 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_schedule", None)
         self._invalidate()
+
+    # -- device schedules (fused_sched._scheduler_base) ------------------------------------------------------
+    def _attach_schedule(self, binding) -> None:
+        """Make `binding` (a scheduler's programs and step counters) the source of the learning rates."""
+        if len(binding.programs) != len(self.param_groups):
+            raise ValueError(f"the scheduler describes {len(binding.programs)} param groups but the optimizer has "
+                             f"{len(self.param_groups)}")
+        self._schedule = binding
+        self._rows = None
+        self._hyper = {}
+
+    def _detach_schedule(self, binding) -> None:
+        if self._schedule is binding:
+            self._schedule = None
+            self._rows = None
+            self._hyper = {}
+
+    def _schedule_args(self, device: torch.device) -> tuple:
+        binding = self._schedule
+        if binding is None:
+            return None, None
+        return binding.table(device), binding.counter(device)
 
     def _invalidate(self) -> None:
         self._plan = None
@@ -160,6 +188,22 @@ class FusedOptimizer(Optimizer):
     # -- plan ----------------------------------------------------------------------------------------------
     def _current_rows(self) -> list:
         rows = [self._row(g) for g in self.param_groups]
+        binding = self._schedule
+        if binding is not None:
+            if len(binding.programs) != len(rows):
+                raise ValueError(f"the attached scheduler describes {len(binding.programs)} param groups but the "
+                                 f"optimizer has {len(rows)} (a group was added after the scheduler was built)")
+            # The kernels take these values from the schedule programs: the host copies that the scheduler keeps
+            # in the param groups must not cause a table upload at every step.
+            momentum_column = self._momentum_column()
+            for g, row in enumerate(rows):
+                if binding.lr_groups[g] or binding.momentum_groups[g]:
+                    row = list(row)
+                    if binding.lr_groups[g]:
+                        row[_hyper.LR] = 0.0
+                    if binding.momentum_groups[g]:
+                        row[momentum_column] = 0.0
+                    rows[g] = tuple(row)
         if rows != self._rows:
             for g in self.param_groups:
                 self._validate_group(g)

@@ -127,11 +127,15 @@ class Adam(FusedOptimizer):
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
         return (True, True, bool(group["amsgrad"]))
 
+    def _momentum_column(self) -> int:
+        return _hyper.BETA1
+
     def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
+        schedule, schedule_step = self._schedule_args(bucket.device)
         if bucket.runner is not None:
-            bucket.runner.run(bucket.native, hyper)
+            bucket.runner.run(bucket.native, hyper, schedule=schedule, schedule_step=schedule_step)
         else:
-            bucket.native.adam_step(hyper)
+            bucket.native.adam_step(hyper, schedule, schedule_step)
 
 
 class AdamW(Adam):

@@ -100,10 +100,14 @@ class SGD(FusedOptimizer):
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
         return (group["momentum"] != 0,)
 
+    def _momentum_column(self) -> int:
+        return _hyper.MOMENTUM
+
     def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
+        schedule, schedule_step = self._schedule_args(bucket.device)
         if bucket.runner is not None:
-            bucket.runner.run(bucket.native, hyper, bucket.fresh)
+            bucket.runner.run(bucket.native, hyper, bucket.fresh, schedule=schedule, schedule_step=schedule_step)
         else:
-            bucket.native.sgd_step(hyper, bucket.fresh)
+            bucket.native.sgd_step(hyper, bucket.fresh, schedule, schedule_step)
         if any(bucket.fresh):
             bucket.fresh = [0] * len(bucket.fresh)

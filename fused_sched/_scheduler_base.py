@@ -1,0 +1,128 @@
+"""What every fused_sched scheduler shares: a schedule program per param group, bound to a fused_sched
+optimizer so that its kernels compute the learning rate on the device.
+
+A scheduler class subclasses the torch scheduler it replaces *and* ``DeviceScheduleMixin``. The torch base class
+keeps doing the host bookkeeping exactly as torch does (``last_epoch``, ``group["lr"]``, ``get_last_lr()``,
+``state_dict()``): those are host floats and never touch the device. The mixin adds the device side:
+
+* ``_programs()`` (implemented by each class) describes lr(t) (and momentum(t) where the scheduler cycles it) of
+  every param group as segments (fused_sched._schedule_program);
+* the programs are packed into a table bound to the optimizer (``ScheduleBinding``), with a float64 step counter
+  per device; ``step()`` advances that counter on the device (one tiny in-place add: no sync, capturable);
+* a scheduler that cannot describe itself (``_programs()`` returns None: a LambdaLR with an arbitrary callable,
+  MultiplicativeLR, ...) runs in *host mode*: after each host step its new learning rates are written into CONST
+  segments with a non-blocking copy from pinned memory. No sync either, but a CUDA graph cannot replay it.
+
+With a torch.optim optimizer (not fused_sched's), the mixin does nothing and the scheduler is torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._schedule_program import CONST, LR, P0, Program, Segment, pack
+
+
+class ScheduleBinding:
+    """The packed programs of one scheduler, their device copies and the device step counters."""
+
+    def __init__(self, owner, programs: list[Program], step: int):
+        self.owner = owner
+        self.programs = programs
+        self.host = pack(programs)
+        self.step = int(step)
+        self.tables: dict = {}
+        self.counters: dict = {}
+        self.lr_groups = [LR in p.targets() for p in programs]
+        self.momentum_groups = [1 in p.targets() for p in programs]
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        table = self.tables.get(device)
+        if table is None:
+            table = self.host.clone() if device.type == "cpu" else self.host.pin_memory().to(device, non_blocking=True)
+            self.tables[device] = table
+        return table
+
+    def counter(self, device: torch.device) -> torch.Tensor:
+        counter = self.counters.get(device)
+        if counter is None:
+            counter = torch.full((1,), float(self.step), dtype=torch.float64, device=device)
+            self.counters[device] = counter
+        return counter
+
+    def advance(self) -> None:
+        self.step += 1
+        for counter in self.counters.values():
+            counter.add_(1.0)
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+        for counter in self.counters.values():
+            counter.fill_(float(step))
+
+    def write_consts(self, values: list[float]) -> None:
+        """Host mode: make group g's CONST lr segment hold values[g] on every device (non-blocking copies)."""
+        column = torch.tensor(values, dtype=torch.float64)
+        self.host[:, 0, P0] = column
+        for device, table in self.tables.items():
+            if device.type == "cpu":
+                table[:, 0, P0].copy_(column)
+            else:
+                table[:, 0, P0].copy_(column.pin_memory(), non_blocking=True)
+
+
+def host_mode_programs(lrs: list[float]) -> list[Program]:
+    return [Program([Segment(CONST, (lr,))]) for lr in lrs]
+
+
+class DeviceScheduleMixin:
+    """Binds a torch scheduler subclass to a fused_sched optimizer's kernels. Put it first in the bases."""
+
+    _binding: ScheduleBinding | None = None
+
+    def _programs(self) -> list[Program] | None:
+        """Programs of every param group, in this scheduler's own step count; None: host mode."""
+        return None
+
+    def _fused_optimizer(self):
+        from .optim._fused_optimizer import FusedOptimizer
+
+        opt = getattr(self, "optimizer", None)
+        return opt if isinstance(opt, FusedOptimizer) else None
+
+    def _bind(self) -> None:
+        """(Re)build the programs and make this scheduler the one that drives the optimizer's learning rates."""
+        opt = self._fused_optimizer()
+        if opt is None:
+            return
+        programs = self._programs()
+        host_mode = programs is None
+        if host_mode:
+            programs = host_mode_programs(self.get_last_lr())
+        self._host_mode = host_mode
+        self._binding = ScheduleBinding(self, programs, self.last_epoch)
+        opt._attach_schedule(self._binding)
+
+    def _unbind(self) -> None:
+        """A composite scheduler (SequentialLR, ChainedScheduler) takes over from its children."""
+        opt = self._fused_optimizer()
+        if opt is not None and self._binding is not None:
+            opt._detach_schedule(self._binding)
+        self._binding = None
+
+    def _device_step(self) -> None:
+        binding = self._binding
+        if binding is None:
+            return
+        if getattr(self, "_host_mode", False):
+            binding.write_consts(self.get_last_lr())
+            binding.step = self.last_epoch
+        elif self.last_epoch == binding.step + 1:
+            binding.advance()
+        else:
+            binding.set_step(self.last_epoch)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self._binding is not None:
+            self._bind()  # parameters of the programs may have changed with the state
