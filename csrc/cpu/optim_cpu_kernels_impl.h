@@ -154,36 +154,39 @@ inline void dispatch_param_type(ParamType type, Fn&& fn) {
   }
 }
 
+// Runs chunks [first, last): `coeffs(slot)` gives a tensor's scalars, `range(slot, coeffs, begin, end)` updates
+// elements. A tensor's chunks are consecutive, so its scalars (Adam: two pow() calls) are computed once per
+// tensor, not once per chunk.
+template <typename MakeCoeffs, typename Range>
+inline void for_each_chunk(const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last,
+                           MakeCoeffs&& coeffs, Range&& range) {
+  int64_t current = -1;
+  decltype(coeffs(slots[0])) c{};
+  for (int64_t k = first; k < last; ++k) {
+    const Chunk& ch = chunks[k];
+    if (ch.tensor != current) {
+      current = ch.tensor;
+      c = coeffs(slots[current]);
+    }
+    range(slots[ch.tensor], c, ch.begin, ch.end);
+  }
+}
+
 inline void adam_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
+  if (first >= last) return;
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
-    // A tensor's chunks are consecutive: its scalars (two pow() calls) are computed once, not once a chunk.
-    int64_t current = -1;
-    AdamCoeffs<float> c{};
-    for (int64_t k = first; k < last; ++k) {
-      const Chunk& ch = chunks[k];
-      if (ch.tensor != current) {
-        current = ch.tensor;
-        c = adam_coeffs(slots[current].hyper, slots[current].step);
-      }
-      adam_range<scalar_t>(slots[ch.tensor], c, ch.begin, ch.end);
-    }
+    for_each_chunk(slots, chunks, first, last, [](const TensorSlot& t) { return adam_coeffs(t.hyper, t.step); },
+                   adam_range<scalar_t>);
   });
 }
 
 inline void sgd_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
+  if (first >= last) return;
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
-    int64_t current = -1;
-    SgdCoeffs<float> c{};
-    for (int64_t k = first; k < last; ++k) {
-      const Chunk& ch = chunks[k];
-      if (ch.tensor != current) {
-        current = ch.tensor;
-        c = sgd_coeffs(slots[current].hyper);
-      }
-      sgd_range<scalar_t>(slots[ch.tensor], c, ch.begin, ch.end);
-    }
+    for_each_chunk(slots, chunks, first, last, [](const TensorSlot& t) { return sgd_coeffs(t.hyper); },
+                   sgd_range<scalar_t>);
   });
 }
 
