@@ -9,8 +9,39 @@ Drop-in replacements for torch.optim.AdamW / Adam / SGD that update every parame
 State dicts are interchangeable with torch.optim's.
 """
 
+from . import hf_schedules
+from .hf_schedules import (
+    get_constant_schedule,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_cosine_with_hard_restarts_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup_lr_rate,
+    get_inverse_sqrt_schedule,
+    get_linear_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+    get_scheduler,
+    get_wsd_schedule,
+)
 from .optim import SGD, Adam, AdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "SGD", "__version__"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "get_constant_schedule",
+    "get_constant_schedule_with_warmup",
+    "get_cosine_schedule_with_warmup",
+    "get_cosine_with_hard_restarts_schedule_with_warmup",
+    "get_cosine_with_min_lr_schedule_with_warmup",
+    "get_cosine_with_min_lr_schedule_with_warmup_lr_rate",
+    "get_inverse_sqrt_schedule",
+    "get_linear_schedule_with_warmup",
+    "get_polynomial_decay_schedule_with_warmup",
+    "get_scheduler",
+    "get_wsd_schedule",
+    "hf_schedules",
+    "__version__",
+]

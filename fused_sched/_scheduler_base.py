@@ -122,7 +122,18 @@ class DeviceScheduleMixin:
         else:
             binding.set_step(self.last_epoch)
 
+    # torch's state_dict() is the scheduler's __dict__: the binding (optimizer, device tables) and the host-mode
+    # flag are runtime wiring, not state, and must neither be saved nor be loaded over the live ones.
+    _RUNTIME_KEYS = ("_binding", "_host_mode")
+
+    def state_dict(self):
+        state = super().state_dict()
+        for key in self._RUNTIME_KEYS:
+            state.pop(key, None)
+        return state
+
     def load_state_dict(self, state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if k not in self._RUNTIME_KEYS}
         super().load_state_dict(state_dict)
         if self._binding is not None:
             self._bind()  # parameters of the programs may have changed with the state
