@@ -9,7 +9,7 @@ Drop-in replacements for torch.optim.AdamW / Adam / SGD that update every parame
 State dicts are interchangeable with torch.optim's.
 """
 
-from . import hf_schedules
+from . import hf_schedules, lr_scheduler
 from .hf_schedules import (
     get_constant_schedule,
     get_constant_schedule_with_warmup,
@@ -43,5 +43,6 @@ __all__ = [
     "get_scheduler",
     "get_wsd_schedule",
     "hf_schedules",
+    "lr_scheduler",
     "__version__",
 ]

@@ -18,9 +18,11 @@ With a torch.optim optimizer (not fused_sched's), the mixin does nothing and the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._schedule_program import CONST, LR, P0, Program, Segment, pack
+from ._schedule_program import CONST, LR, P0, SET, Program, Segment, pack
 
 
 class ScheduleBinding:
@@ -35,6 +37,9 @@ class ScheduleBinding:
         self.counters: dict = {}
         self.lr_groups = [LR in p.targets() for p in programs]
         self.momentum_groups = [1 in p.targets() for p in programs]
+        for g, program in enumerate(programs):
+            for target in program.targets():
+                _check_covers_every_step(program, target, g)
 
     def table(self, device: torch.device) -> torch.Tensor:
         table = self.tables.get(device)
@@ -69,6 +74,20 @@ class ScheduleBinding:
                 table[:, 0, P0].copy_(column)
             else:
                 table[:, 0, P0].copy_(column.pin_memory(), non_blocking=True)
+
+
+def _check_covers_every_step(program: Program, target: int, group: int) -> None:
+    """A target that a program drives must be set at every step: the optimizer stops reading that hyper-parameter
+    from its table once a program drives it, so a gap would silently leave 0 there."""
+    spans = sorted((s.lo, s.hi) for s in program.segments if s.target == target and s.combine == SET)
+    reach = 0.0  # steps are never negative once a scheduler is built
+    for lo, hi in spans:
+        if lo > reach:
+            break
+        reach = max(reach, hi)
+    if reach != math.inf:
+        raise ValueError(f"internal error: the schedule program of param group {group} leaves target {target} unset "
+                         f"from step {reach}")
 
 
 def host_mode_programs(lrs: list[float]) -> list[Program]:
