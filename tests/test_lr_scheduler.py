@@ -572,3 +572,76 @@ def test_isinstance_and_signatures():
         assert _parameters(ours.step) == _parameters(ref.step), name
         assert ours.__doc__
     assert "CUDA graph" in F.LambdaLR.__doc__ and "CUDA graph" in F.MultiplicativeLR.__doc__
+
+
+# -- ReduceLROnPlateau deciding on the device ------------------------------------------------------------------
+PLATEAU_CASES = {
+    "min_rel": {"factor": 0.5, "patience": 2},
+    "min_abs_cooldown": {"threshold_mode": "abs", "threshold": 0.05, "patience": 1, "cooldown": 2, "factor": 0.3},
+    "max_rel_min_lr": {"mode": "max", "patience": 0, "factor": 0.5, "min_lr": [0.02, 0.001]},
+    "max_abs_eps": {"mode": "max", "threshold_mode": "abs", "patience": 1, "eps": 0.03, "factor": 0.7},
+}
+
+
+def _plateau_metrics(n=80):
+    g = torch.Generator().manual_seed(3)
+    values, level = [], 1.0
+    for i in range(n):
+        level = level * 0.97 if i % 11 < 4 else level  # improvements, then plateaus
+        values.append(level + 0.01 * float(torch.rand((), generator=g)))
+    return values
+
+
+@pytest.mark.parametrize("case", sorted(PLATEAU_CASES))
+def test_plateau_tensor_metric_decides_on_the_device_like_torch(case, monkeypatch):
+    import fused_sched
+    from fused_sched import lr_scheduler as M
+
+    kwargs = PLATEAU_CASES[case]
+    probes = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = fused_sched.SGD([{"params": [probes[0]], "lr": 0.1}, {"params": [probes[1]], "lr": 0.04}], backend="cpu")
+    ref_opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},
+                               {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.04}])
+    sched = M.ReduceLROnPlateau(opt, **kwargs)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, **kwargs)
+    for metric in _plateau_metrics():
+        for p in probes:
+            p.grad = torch.ones(1)
+        opt.step()
+        applied = [-p.detach().clone() for p in probes]
+        with torch.no_grad():
+            for p in probes:
+                p.zero_()
+        expected = [torch.tensor([g["lr"]], dtype=torch.float32) for g in ref_opt.param_groups]
+        assert all(torch.equal(a, e) for a, e in zip(applied, expected, strict=True))
+        # the device decision reads nothing back to the host
+        metric = torch.tensor(metric)  # a float32 loss tensor, as a training loop has it
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", lambda self: pytest.fail("step() read a tensor on the host"))
+            m.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("step() read a tensor on the host"))
+            sched.step(metric)
+        ref_opt.step()
+        ref.step(metric)  # torch reads it with float()
+    assert sched.get_last_lr() == ref.get_last_lr()
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
+    assert (sched.best, sched.num_bad_epochs, sched.cooldown_counter) == (ref.best, ref.num_bad_epochs,
+                                                                          ref.cooldown_counter)
+    assert sched.state_dict() == ref.state_dict()
+
+
+def test_plateau_mixing_tensor_and_float_metrics_follows_torch():
+    import fused_sched
+    from fused_sched import lr_scheduler as M
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = fused_sched.SGD([p], lr=0.1, backend="cpu")
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched, ref = M.ReduceLROnPlateau(opt, patience=1, factor=0.5), torch.optim.lr_scheduler.ReduceLROnPlateau(
+        ref_opt, patience=1, factor=0.5)
+    for i, value in enumerate(_plateau_metrics(40)):
+        metric = torch.tensor(value)
+        sched.step(metric if i % 3 else float(metric))
+        ref.step(metric)
+        if i % 7 == 0:
+            assert sched.get_last_lr() == ref.get_last_lr()
+    assert sched.state_dict() == ref.state_dict()
