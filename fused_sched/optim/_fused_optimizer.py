@@ -244,9 +244,6 @@ class FusedOptimizer(Optimizer):
         if not _dense(p):
             raise ValueError("fused_sched needs parameters whose elements are dense in memory (a view that skips "
                              "elements cannot be updated in place by a fused kernel)")
-        if g.stride() != p.stride():
-            raise ValueError(f"gradient strides {g.stride()} differ from parameter strides {p.stride()}; "
-                             "make the gradient follow the parameter's layout")
         for key in self._state_keys:
             value = self.state.get(p, {}).get(key)
             if isinstance(value, torch.Tensor) and value.shape != p.shape:
@@ -268,6 +265,12 @@ class FusedOptimizer(Optimizer):
             self._check_param(p)
             if p.device not in resolved:
                 resolved[p.device] = backends.resolve(self.backend, p.device)
+        for _, _, p in with_grad:
+            if p.grad.stride() != p.stride():
+                # The kernels walk a gradient as the flat array of its parameter: a gradient laid out otherwise
+                # (a transposed or sliced view) is replaced by an equal one in the parameter's layout, as torch's
+                # fused path copies it to a contiguous temporary. Such a plan is rebuilt at every step.
+                p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
         by_key: dict = {}
         for index, needs, p in with_grad:
             created = self._init_state(p, needs)
