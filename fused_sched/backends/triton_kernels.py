@@ -15,6 +15,10 @@ Design
   chunk computes its scalars on the device in float64 exactly like ``adam_coeffs`` / ``sgd_coeffs`` and rounds
   them to float32 once; the host reads neither the table nor the steps, so a launch can be captured in a CUDA
   graph and replayed while the learning rate and the steps change.
+* Device schedules (``schedule`` / ``schedule_step``, HAS_SCHEDULE): every chunk also evaluates its group's
+  schedule program (triton_schedule.py, schedule_math.h) at the scheduler's float64 step counter, and the values
+  it sets replace the row's lr and beta1 (SGD: momentum), as ``effective_hyper`` in optim_cpu.cpp does. Without
+  a schedule HAS_SCHEDULE is false and none of it is compiled.
 * Persistent grid: ``num_programs`` programs, program ``pid`` taking chunks ``pid, pid + num_programs, ...``.
   Offsets are int64 throughout: tensors of more than 2**31 elements work.
 * Step advance without a race: a program reads a tensor's step (and uses step + 1) while it updates that
@@ -44,12 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .._schedule_program import COLUMNS as _SCHEDULE_COLUMNS
+from .triton_schedule import dd_mul, evaluate_program
+
 # Untuned: no GPU was available when these were chosen. CHUNK must be a multiple of BLOCK, BLOCK a power of two.
 DEFAULT_BLOCK = 1024  # elements per inner iteration of a program
 DEFAULT_CHUNK = 65536  # elements per chunk (unit of work handed to a program)
 DEFAULT_NUM_WARPS = 4
 # Rows handled per iteration when the last program advances the steps / clears the fresh flags.
 _ROW_BLOCK = 256
+# float64 values per row of a schedule program (schedule_math.h kScheduleColumns).
+_COLUMNS = tl.constexpr(_SCHEDULE_COLUMNS)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -76,17 +85,6 @@ def build_chunks(numels: list[int], chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
 
 
 @triton.jit
-def _dd_mul(ah, al, bh, bl):
-    """(ah + al) * (bh + bl) in double-double arithmetic, renormalized so that hi = fl(hi + lo)."""
-    p = ah * bh
-    e = tl.fma(ah, bh, -p)  # the exact rounding error of ah * bh
-    e = e + (ah * bl + al * bh)
-    hi = p + e
-    lo = e - (hi - p)
-    return hi, lo
-
-
-@triton.jit
 def _pow(base, exponent):
     """base ** exponent in float64, for an integer-valued exponent >= 0 (Adam's step counter).
 
@@ -100,11 +98,11 @@ def _pow(base, exponent):
     e = exponent
     while e > 0.0:
         half = tl.floor(e * 0.5)
-        ph, pl = _dd_mul(rh, rl, bh, bl)
+        ph, pl = dd_mul(rh, rl, bh, bl)
         odd = e != half * 2.0
         rh = tl.where(odd, ph, rh)
         rl = tl.where(odd, pl, rl)
-        bh, bl = _dd_mul(bh, bl, bh, bl)
+        bh, bl = dd_mul(bh, bl, bh, bl)
         e = half
     return rh
 
@@ -149,8 +147,19 @@ def _finish(table_ptr, counter_ptr, n_rows, IS_ADAM: tl.constexpr, ROW_BLOCK: tl
 
 
 @triton.jit
-def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, PARAM_DTYPE: tl.constexpr,
-                BLOCK: tl.constexpr, CHUNK: tl.constexpr, ROW_BLOCK: tl.constexpr):
+def _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group):
+    """effective_hyper of optim_cpu.cpp for one group: the values its schedule program sets at the scheduler's
+    step replace the table's lr and momentum (Adam: beta1). Every chunk evaluates the program of its own group:
+    no launch-wide pass is needed, and the host reads neither the step nor the table."""
+    program = schedule_ptr + group * segments * _COLUMNS
+    s_lr, lr_set, s_momentum, momentum_set = evaluate_program(program, segments, tl.load(schedule_step_ptr))
+    return tl.where(lr_set, s_lr, lr), tl.where(momentum_set, s_momentum, momentum)
+
+
+@triton.jit
+def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, schedule_ptr, segments,
+                schedule_step_ptr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr):
     """Adam / AdamW over every chunk of the bucket; see the module docstring for the tables."""
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         row = tl.load(chunks_ptr + 2 * c)
@@ -163,11 +172,14 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         max_exp_avg_sq_ptr = tl.load(entry + 4).to(tl.pointer_type(tl.float32))
         step_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
         numel = tl.load(entry + 6)
-        h = hyper_ptr + tl.load(entry + 7) * 8
+        group = tl.load(entry + 7)
+        h = hyper_ptr + group * 8
 
         # adam_coeffs: float64 scalars, rounded to float32 once.
         lr = tl.load(h + 0)
         beta1 = tl.load(h + 1)
+        if HAS_SCHEDULE:
+            lr, beta1 = _scheduled(lr, beta1, schedule_ptr, segments, schedule_step_ptr, group)
         beta2 = tl.load(h + 2)
         eps = tl.load(h + 3).to(tl.float32)
         wd = tl.load(h + 4)
@@ -226,8 +238,9 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
 
 
 @triton.jit
-def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, PARAM_DTYPE: tl.constexpr,
-               BLOCK: tl.constexpr, CHUNK: tl.constexpr, ROW_BLOCK: tl.constexpr):
+def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, schedule_ptr, segments,
+               schedule_step_ptr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+               ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr):
     """SGD (momentum, dampening, Nesterov) over every chunk of the bucket; see the module docstring."""
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         row = tl.load(chunks_ptr + 2 * c)
@@ -239,12 +252,15 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         fresh_flag = tl.load(entry + 5)
         fresh = fresh_flag != 0
         numel = tl.load(entry + 6)
-        h = hyper_ptr + tl.load(entry + 7) * 8
+        group = tl.load(entry + 7)
+        h = hyper_ptr + group * 8
 
         # sgd_coeffs
         lr = tl.load(h + 0)
         wd = tl.load(h + 4)
         momentum = tl.load(h + 5)
+        if HAS_SCHEDULE:
+            lr, momentum = _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group)
         flags = tl.load(h + 7).to(tl.int32)
         neg_lr = (lr * -1.0).to(tl.float32)
         weight_decay = wd.to(tl.float32)
@@ -279,11 +295,29 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
     _finish(table_ptr, counter_ptr, n_rows, False, ROW_BLOCK)
 
 
-def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps):
+def _check_schedule(schedule, schedule_step, hyper):
+    """effective_hyper's checks (optim_cpu.cpp), on the hyper-parameter table's device."""
+    if schedule is None:
+        return
+    if schedule_step is None:
+        raise ValueError("a schedule needs its step (schedule_step)")
+    if (schedule.dtype != torch.float64 or schedule.dim() != 3 or schedule.shape[0] != hyper.shape[0]
+            or schedule.shape[2] != _SCHEDULE_COLUMNS or not schedule.is_contiguous()
+            or schedule.device != hyper.device):
+        raise ValueError(f"schedule must be a contiguous float64 tensor [groups, segments, {_SCHEDULE_COLUMNS}] "
+                         f"with one program per hyper row, on {hyper.device}; got {schedule.dtype} "
+                         f"{list(schedule.shape)} on {schedule.device}")
+    if schedule_step.dtype != torch.float64 or schedule_step.numel() != 1 or schedule_step.device != hyper.device:
+        raise ValueError(f"schedule_step must be a one-element float64 tensor on {hyper.device}")
+
+
+def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK, CHUNK,
+            num_warps):
     if param_dtype not in _TL_DTYPES:
         raise ValueError(f"parameters must be float32, bfloat16 or float16, got {param_dtype}")
     if BLOCK <= 0 or BLOCK & (BLOCK - 1) or CHUNK % BLOCK:
         raise ValueError(f"BLOCK must be a power of two dividing CHUNK, got BLOCK={BLOCK}, CHUNK={CHUNK}")
+    _check_schedule(schedule, schedule_step, hyper)
     n_rows, n_chunks = table.shape[0], chunks.shape[0]
     if n_rows == 0:
         return
@@ -291,7 +325,9 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, BL
     grid = (max(1, min(num_programs, n_chunks)),)
     kernel[grid](
         table, chunks, hyper, counter, n_rows, n_chunks,
+        schedule, 0 if schedule is None else schedule.shape[1], schedule_step,
         PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, ROW_BLOCK=_ROW_BLOCK,
+        HAS_SCHEDULE=schedule is not None,
         num_warps=num_warps,
         # optim_math.h rounds a multiply-add once only where it says so (the tl.fma calls); no other may fuse.
         enable_fp_fusion=False,
@@ -307,20 +343,21 @@ def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, 
     table: int64 [n, 8] address table; chunks: int64 [n_chunks, 2] from ``build_chunks(numels, CHUNK)``; hyper:
     float64 [groups, 8]; counter: int32 [1], zero before the first launch (each launch leaves it zero). All on the
     parameters' device. num_programs: persistent programs to run (e.g. min(n_chunks, 4 * SMs)).
+    schedule (optional): float64 [groups, segments, 16] schedule programs (schedule_math.h), contiguous, with
+    schedule_step: float64 [1], the scheduler's step; the lr and beta1 a group's program sets at that step replace
+    the table's.
     """
-    if schedule is not None:
-        raise NotImplementedError("device schedules are not wired into the Triton kernels yet")
-    _launch(adam_kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps)
+    _launch(adam_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
+            CHUNK, num_warps)
 
 
 def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
                param_dtype: torch.dtype, num_programs: int, *, schedule: torch.Tensor | None = None,
-                schedule_step: torch.Tensor | None = None, BLOCK: int = DEFAULT_BLOCK,
+               schedule_step: torch.Tensor | None = None, BLOCK: int = DEFAULT_BLOCK,
                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards.
 
-    Arguments as for ``launch_adam``.
+    Arguments as for ``launch_adam``; a schedule sets lr and momentum.
     """
-    if schedule is not None:
-        raise NotImplementedError("device schedules are not wired into the Triton kernels yet")
-    _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, BLOCK, CHUNK, num_warps)
+    _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
+            CHUNK, num_warps)

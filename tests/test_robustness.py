@@ -1,0 +1,195 @@
+"""Robustness: unusual tensors, tensors that move after the optimizer is built, non-finite values, exact resume
+in a new process, and property-based parity with torch.optim."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fused_sched
+from fused_sched import backends
+from optim_reference import FUSED, TORCH, clone_leaves, compare, grouped, set_grads
+
+BACKENDS = ["cpu"] + (["triton"] if backends.triton_interpreted() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_zero_size_tensors_step_like_torch(name, backend):
+    kwargs = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.1}
+    base = [torch.randn(0), torch.randn(3, 0), torch.randn(5), torch.randn(())]
+    ours, theirs = clone_leaves(base), clone_leaves(base)
+    opt, ref = FUSED[name](ours, **kwargs, backend=backend), TORCH[name](theirs, **kwargs, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, dtype=torch.float64) for p in base]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    compare(opt, ref, ours, theirs)
+
+
+def test_gradient_with_other_strides_is_used_in_the_parameter_layout():
+    w = torch.randn(6, 4)
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt, ref = fused_sched.AdamW([ours], lr=0.1), torch.optim.AdamW([theirs], lr=0.1, foreach=False)
+    for _ in range(3):
+        g = torch.randn(4, 6).t()  # transposed: same values, other strides than the parameter
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        assert ours.grad.stride() != ours.stride()
+        opt.step()
+        ref.step()
+    compare(opt, ref, [ours], [theirs])
+
+
+def test_params_cast_to_half_after_the_optimizer_was_built():
+    """model.half() after construction: torch.optim then fails (its float32 states meet float16 gradients in
+    lerp_); fused_sched keeps its float32 states and goes on with float32 math and float16 storage. Judged against
+    a float64 run of torch.optim that rounds the parameters to float16 at the cast and after every later step."""
+    base = [torch.randn(50), torch.randn(7, 3)]
+    ours = clone_leaves(base)
+    exact = [p.detach().double().requires_grad_(True) for p in base]
+    opt = fused_sched.AdamW(ours, lr=1e-2, weight_decay=0.1)
+    gold = torch.optim.AdamW(exact, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(8):
+        if step == 3:
+            for p in ours:
+                p.data = p.data.half()  # what model.half() does to every parameter
+            with torch.no_grad():
+                for e in exact:
+                    e.copy_(e.half().double())
+        dtype = torch.float16 if step >= 3 else torch.float32
+        grads = [torch.randn(p.shape).to(dtype) for p in base]
+        set_grads(ours, grads)
+        set_grads(exact, [g.double() for g in grads])
+        opt.step()
+        gold.step()
+        if step >= 3:
+            with torch.no_grad():
+                for e in exact:
+                    e.copy_(e.half().double())
+    for p, e in zip(ours, exact, strict=True):
+        assert p.dtype == torch.float16 and opt.state[p]["exp_avg"].dtype == torch.float32
+        ulp = torch.finfo(torch.float16).eps * e.detach().abs().clamp_min(1e-4)
+        assert ((p.detach().double() - e.detach()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", [("AdamW", {"lr": 0.1}), ("AdamW", {"lr": 0.1, "amsgrad": True}),
+                                         ("SGD", {"lr": 0.1, "momentum": 0.9})], ids=str)
+def test_non_finite_values_propagate_like_torch(name, kwargs, backend):
+    base = [torch.randn(64)]
+    ours, theirs = clone_leaves(base), clone_leaves(base)
+    opt, ref = FUSED[name](ours, **kwargs, backend=backend), TORCH[name](theirs, **kwargs, foreach=False)
+    for step in range(4):
+        g = torch.randn(64, dtype=torch.float64)
+        if step == 1:
+            g[3], g[10], g[20] = float("nan"), float("inf"), -float("inf")
+        set_grads(ours, [g])
+        set_grads(theirs, [g])
+        opt.step()
+        ref.step()
+    a, b = ours[0].detach(), theirs[0].detach()
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert torch.equal(torch.isinf(a), torch.isinf(b))
+    finite = torch.isfinite(b)
+    torch.testing.assert_close(a[finite], b[finite], rtol=1e-5, atol=1e-6)
+
+
+_RESUME_SCRIPT = textwrap.dedent("""
+    import sys, torch, fused_sched
+    mode, path, backend = sys.argv[1], sys.argv[2], sys.argv[3]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(300,), (7, 11), ()]]
+    opt = fused_sched.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2,
+                            weight_decay=0.1, amsgrad=True, backend=backend)
+    sched = fused_sched.get_cosine_schedule_with_warmup(opt, 10, 80)
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(100)]
+    first, last = (0, 100) if mode == "full" else ((0, 50) if mode == "first" else (50, 100))
+    if mode == "second":
+        saved = torch.load(path + ".ckpt", weights_only=True)
+        with torch.no_grad():
+            for p, v in zip(params, saved["params"]):
+                p.copy_(v)
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+    for step in range(first, last):
+        for p, g in zip(params, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+        sched.step()
+    if mode == "first":
+        torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "sched": sched.state_dict()},
+                   path + ".ckpt")
+    else:
+        torch.save({"params": [p.detach() for p in params],
+                    "state": [{k: v for k, v in opt.state[p].items()} for p in params]}, path + ".out")
+""")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_in_a_new_process_is_bit_identical(backend, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_RESUME_SCRIPT)
+    env = dict(os.environ)
+
+    def run(mode, path):
+        subprocess.run([sys.executable, str(script), mode, str(path), backend], check=True, env=env)
+
+    run("full", tmp_path / "full")
+    run("first", tmp_path / "split")
+    run("second", tmp_path / "split")
+    full = torch.load(str(tmp_path / "full") + ".out", weights_only=True)
+    split = torch.load(str(tmp_path / "split") + ".out", weights_only=True)
+    for a, b in zip(full["params"], split["params"], strict=True):
+        assert torch.equal(a, b)
+    for sa, sb in zip(full["state"], split["state"], strict=True):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+_shapes = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=_shapes,
+    groups=st.integers(1, 3),
+    name=st.sampled_from(["AdamW", "Adam", "SGD"]),
+    lr=st.floats(1e-4, 0.5),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
+    flag_a=st.booleans(),
+    flag_b=st.booleans(),
+    beta1=st.floats(0.0, 0.99),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    steps=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_property_parity_with_torch(shapes, groups, name, lr, weight_decay, flag_a, flag_b, beta1, momentum, steps,
+                                    seed):
+    torch.manual_seed(seed)
+    if name == "SGD":
+        kwargs = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "maximize": flag_a,
+                  "nesterov": flag_b and momentum > 0}
+    else:
+        kwargs = {"lr": lr, "weight_decay": weight_decay, "amsgrad": flag_a, "maximize": flag_b,
+                  "betas": (beta1, 0.999)}
+    group_kwargs = [{}] + [{"lr": lr * (i + 2) / 3} for i in range(groups - 1)]
+    base = [torch.randn(s, dtype=torch.float64).float() for s in shapes]
+    ours, theirs = clone_leaves(base), clone_leaves(base)
+    opt = FUSED[name](grouped(ours, group_kwargs), **kwargs, backend="cpu")
+    ref = TORCH[name](grouped(theirs, group_kwargs), **kwargs, foreach=False)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, dtype=torch.float64) for p in base]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    compare(opt, ref, ours, theirs)
