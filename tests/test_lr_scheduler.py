@@ -41,12 +41,12 @@ def ulps(a: float, b: float) -> int:
 class Pair:
     """A fused SGD (with a unit probe per param group) and a torch SGD, driven by two schedulers in lockstep."""
 
-    def __init__(self, lrs=LRS):
+    def __init__(self, lrs=LRS, backend="cpu"):
         self.probes = [torch.zeros(1, requires_grad=True) for _ in lrs]
         for p in self.probes:
             p.grad = torch.ones(1)
         self.opt = fused_sched.SGD(
-            [{"params": [p], "lr": lr} for p, lr in zip(self.probes, lrs, strict=True)], lr=lrs[0], backend="cpu"
+            [{"params": [p], "lr": lr} for p, lr in zip(self.probes, lrs, strict=True)], lr=lrs[0], backend=backend
         )
         self.ref_opt = torch.optim.SGD(
             [{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in lrs], lr=lrs[0]
@@ -216,6 +216,22 @@ def test_kernel_lr_matches_torch(name):
     assert scheds[0]._host_mode == (name in HOST_MODE)
     assert pair.opt._schedule is scheds[0]._binding
     pair.run(scheds, steps)
+    if exact:
+        assert pair.off_by_one_ulp == []
+
+
+# The Triton backend evaluates the same programs in its own float64 code (fused_sched/backends/triton_schedule.py);
+# under the interpreter a step costs tens of milliseconds, so a few cases and fewer steps.
+TRITON_CASES = ["cosine_eta_min", "warm_restarts_t_mult_2", "cyclic_triangular2", "polynomial_sqrt"]
+
+
+@pytest.mark.skipif(not fused_sched.backends.triton_interpreted(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_kernel_lr_matches_torch_on_triton(name):
+    factory, _, exact = CASES[name]
+    pair = Pair(backend="triton")
+    scheds = pair.make(factory)
+    pair.run(scheds, 150)
     if exact:
         assert pair.off_by_one_ulp == []
 
@@ -645,3 +661,27 @@ def test_plateau_mixing_tensor_and_float_metrics_follows_torch():
         if i % 7 == 0:
             assert sched.get_last_lr() == ref.get_last_lr()
     assert sched.state_dict() == ref.state_dict()
+
+
+@pytest.mark.skipif(not fused_sched.backends.triton_interpreted(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+@pytest.mark.parametrize("factory,kwargs", [
+    ("get_cosine_schedule_with_warmup", {"num_warmup_steps": 20, "num_training_steps": 100}),
+    ("get_wsd_schedule", {"num_warmup_steps": 10, "num_decay_steps": 40, "num_training_steps": 100,
+                          "warmup_type": "cosine", "decay_type": "1-sqrt", "min_lr_ratio": 0.1}),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_transformers_schedule_kernel_lr_on_triton(factory, kwargs):
+    import transformers
+
+    probe = torch.zeros(1, requires_grad=True)
+    opt = fused_sched.SGD([probe], lr=0.05, backend="triton")
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    ours, ref = getattr(hf_schedules, factory)(opt, **kwargs), getattr(transformers, factory)(ref_opt, **kwargs)
+    for step in range(130):  # past the end of the schedule
+        probe.grad = torch.ones(1)
+        opt.step()
+        assert -probe.item() == torch.tensor(ref.get_last_lr()[0], dtype=torch.float32).item(), step
+        with torch.no_grad():
+            probe.zero_()
+        ref_opt.step()
+        ours.step()
+        ref.step()
