@@ -17,8 +17,16 @@ DECOUPLED_WEIGHT_DECAY = 8
 
 
 def scalar(value) -> float:
-    """A hyper-parameter as a Python float (a one-element tensor is read once here)."""
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+    """A hyper-parameter as a Python float. A one-element CPU tensor is read here; a tensor on an accelerator is
+    not (reading it would synchronize): its row holds 0.0 and the optimizer copies the tensor into the table on
+    the device at every step (FusedOptimizer._device_values)."""
+    if isinstance(value, torch.Tensor):
+        return 0.0 if is_device_tensor(value) else float(value.item())
+    return float(value)
+
+
+def is_device_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
 
 
 def adam_row(group: dict) -> tuple:

@@ -46,14 +46,19 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).cuda()
 
 
+@pytest.mark.parametrize("lr_kind", ["float", "cuda_tensor", "scheduler"])
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
-def test_no_host_device_sync_in_the_training_loop(name):
+def test_no_host_device_sync_in_the_training_loop(name, lr_kind):
     model = _model()
     kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    opt = getattr(fused_sched, name)(model.parameters(), lr=1e-3, **kwargs, backend="triton")
+    lr = torch.tensor(1e-3, device="cuda") if lr_kind == "cuda_tensor" else 1e-3
+    opt = getattr(fused_sched, name)(model.parameters(), lr=lr, **kwargs, backend="triton")
+    sched = fused_sched.get_cosine_schedule_with_warmup(opt, 10, 100) if lr_kind == "scheduler" else None
     x = torch.randn(32, 64, device="cuda")
     model(x).square().mean().backward()
     opt.step()  # the first step builds the plan and compiles the kernel
+    if sched is not None:
+        sched.step()
     opt.zero_grad()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -61,6 +66,8 @@ def test_no_host_device_sync_in_the_training_loop(name):
         for _ in range(50):
             model(x).square().mean().backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             opt.zero_grad()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -181,9 +181,23 @@ class FusedOptimizer(Optimizer):
         plan = self._plan
         if plan is None or not plan.current():
             plan = self._plan = self._build_plan()
+        tables = {}
         for bucket in plan.buckets:
-            self._run_bucket(bucket, self._hyper_table(bucket.device, rows))
+            table = tables.get(bucket.device)
+            if table is None:
+                table = tables[bucket.device] = self._hyper_table(bucket.device, rows)
+                self._device_values(table)
+            self._run_bucket(bucket, table)
         return loss
+
+    def _device_values(self, table: torch.Tensor) -> None:
+        """Copy the learning rates held in accelerator tensors into `table` on the device: device-to-device,
+        no sync, and captured by a CUDA graph like the kernel (torch's fused optimizers read a tensor lr the same
+        way)."""
+        for g, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if _hyper.is_device_tensor(lr):
+                table[g, _hyper.LR].copy_(lr.reshape(()), non_blocking=True)
 
     # -- plan ----------------------------------------------------------------------------------------------
     def _current_rows(self) -> list:
