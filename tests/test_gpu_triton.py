@@ -138,3 +138,36 @@ def test_tensor_of_more_than_2_31_elements():
     assert p[:16].float().eq(0.75).all() and p[2**31 - 4: 2**31 + 4].float().eq(0.75).all()
     assert p[-7:].float().eq(1.25).all()
     assert opt.state[p]["exp_avg"][-1].item() == pytest.approx(-0.2)
+
+
+def test_cuda_graph_replays_the_schedule_on_the_device():
+    """opt.step(); sched.step() captured once and replayed: the lr follows the schedule at every replay, because
+    the kernel reads the schedule's step counter on the device and sched.step() only adds 1 to it there."""
+    base = make_params([(1000,), (7,)], device="cuda")
+    graphed, eager = clone_leaves(base), clone_leaves(base)
+    for a, b in zip(graphed, eager, strict=True):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g.clone(), g.clone()
+    opt = fused_sched.AdamW(graphed, lr=1e-2, backend="triton")
+    ref = fused_sched.AdamW(eager, lr=1e-2, backend="triton")
+    sched = fused_sched.get_cosine_schedule_with_warmup(opt, 5, 60)
+    ref_sched = fused_sched.get_cosine_schedule_with_warmup(ref, 5, 60)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.step()
+            sched.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+        sched.step()
+    for _ in range(80):  # past the end of the schedule: transformers' cosine climbs again
+        graph.replay()
+    for _ in range(3 + 1 + 80):
+        ref.step()
+        ref_sched.step()
+    torch.cuda.synchronize()
+    for a, b in zip(graphed, eager, strict=True):
+        assert torch.equal(a.detach(), b.detach())
