@@ -129,6 +129,15 @@ class _DeviceSchedule(DeviceScheduleMixin):
     #: lr(t) = base * h(t) and torch's recursive step is lr *= h(t) / h(t - 1) (ChainedScheduler can multiply).
     _multiplicative = False
 
+    def step(self, epoch: int | None = None) -> None:
+        """torch's host step, then the device counter (or the host-mode constants) follows. (SequentialLR and
+        ChainedScheduler take no epoch in torch: it is passed on only when given.)"""
+        if epoch is None:
+            super().step()
+        else:
+            super().step(epoch)
+        self._after_step(epoch)
+
     def _lr_programs(self, bases: list, closed_entry: bool = False) -> list[Program] | None:
         """lr programs for these base lrs. closed_entry: the scheduler is entered at its step 0 with torch's closed
         form (a SequentialLR child after the first), not with its initial recursive step."""
@@ -202,10 +211,6 @@ class LambdaLR(_DeviceSchedule, _torch.LambdaLR):
         super().__init__(optimizer, lr_lambda, last_epoch)
         self._bind()
 
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
-
 
 class MultiplicativeLR(_DeviceSchedule, _torch.MultiplicativeLR):
     """torch.optim.lr_scheduler.MultiplicativeLR: lr *= lr_lambda(epoch) at every step after the first.
@@ -223,10 +228,6 @@ class MultiplicativeLR(_DeviceSchedule, _torch.MultiplicativeLR):
     ) -> None:
         super().__init__(optimizer, lr_lambda, last_epoch)
         self._bind()
-
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
 
 
 class StepLR(_DeviceSchedule, _torch.StepLR):
@@ -246,10 +247,6 @@ class StepLR(_DeviceSchedule, _torch.StepLR):
         if not _integral(self.step_size) or self.step_size <= 0:
             return None
         return [Program([Segment(STEP, (b, self.gamma, self.step_size))]) for b in bases]
-
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
 
 
 class MultiStepLR(_DeviceSchedule, _torch.MultiStepLR):
@@ -286,10 +283,6 @@ class MultiStepLR(_DeviceSchedule, _torch.MultiStepLR):
             programs.append(Program(segments))
         return programs
 
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
-
 
 class ConstantLR(_DeviceSchedule, _torch.ConstantLR):
     """torch.optim.lr_scheduler.ConstantLR; device program: CONST ``base * factor`` before ``total_iters``, then
@@ -320,10 +313,6 @@ class ConstantLR(_DeviceSchedule, _torch.ConstantLR):
             programs.append(Program(segments))
         return programs
 
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
-
 
 class LinearLR(_DeviceSchedule, _torch.LinearLR):
     """torch.optim.lr_scheduler.LinearLR; device program: one LINEAR segment
@@ -351,10 +340,6 @@ class LinearLR(_DeviceSchedule, _torch.LinearLR):
             return [Program([Segment(CONST, (b * self.start_factor,))]) for b in bases]
         return [Program([Segment(LINEAR, (b, self.start_factor, self.end_factor, total))]) for b in bases]
 
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
-
 
 class ExponentialLR(_DeviceSchedule, _torch.ExponentialLR):
     """torch.optim.lr_scheduler.ExponentialLR; device program: one EXPONENTIAL segment ``base * gamma ** t``."""
@@ -367,10 +352,6 @@ class ExponentialLR(_DeviceSchedule, _torch.ExponentialLR):
 
     def _lr_programs(self, bases, closed_entry=False):
         return [Program([Segment(EXPONENTIAL, (b, self.gamma))]) for b in bases]
-
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
 
 
 class PolynomialLR(_DeviceSchedule, _torch.PolynomialLR):
@@ -390,10 +371,6 @@ class PolynomialLR(_DeviceSchedule, _torch.PolynomialLR):
         if total <= 0:
             return [Program([Segment(CONST, (b,))]) for b in bases]
         return [Program([Segment(POLYNOMIAL, (b, total, self.power))]) for b in bases]
-
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
 
 
 class CosineAnnealingLR(_DeviceSchedule, _torch.CosineAnnealingLR):
@@ -426,10 +403,6 @@ class CosineAnnealingLR(_DeviceSchedule, _torch.CosineAnnealingLR):
             Segment(COSINE, (anchor, eta, period), -INF, restart),
             Segment(COSINE, (self.base_lrs[g], eta, period), restart, INF),
         ])
-
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
 
 
 class CosineAnnealingWarmRestarts(_DeviceSchedule, _torch.CosineAnnealingWarmRestarts):
@@ -530,10 +503,6 @@ class CyclicLR(_DeviceSchedule, _torch.CyclicLR):
     def _sequence_programs(self, first, pending):
         return self._cyclic_programs() if pending else self._programs()
 
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
-
 
 class OneCycleLR(_DeviceSchedule, _torch.OneCycleLR):
     """torch.optim.lr_scheduler.OneCycleLR; device program: one ANNEAL_COS / ANNEAL_LINEAR segment per phase for
@@ -596,10 +565,6 @@ class OneCycleLR(_DeviceSchedule, _torch.OneCycleLR):
 
     def _sequence_programs(self, first, pending):
         return self._programs()
-
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        self._after_step(epoch)
 
 
 class SequentialLR(_DeviceSchedule, _torch.SequentialLR):
@@ -682,9 +647,8 @@ class SequentialLR(_DeviceSchedule, _torch.SequentialLR):
                 gaps.append(Segment(CONST, (value,), lo, hi, target=MOMENTUM))
         return gaps
 
-    def step(self) -> None:
+    def step(self) -> None:  # torch's signature: no epoch
         super().step()
-        self._device_step()
 
 
 class ChainedScheduler(_DeviceSchedule, _torch.ChainedScheduler):
@@ -754,9 +718,8 @@ class ChainedScheduler(_DeviceSchedule, _torch.ChainedScheduler):
                 programs[g] = self._product([last / unit] * len(programs))[g]
         return programs
 
-    def step(self) -> None:
+    def step(self) -> None:  # torch's signature: no epoch
         super().step()
-        self._device_step()
 
 
 class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
@@ -800,7 +763,7 @@ class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
             self._device_decision(metrics, epoch)
             return
         self._pull_device_state()
-        super().step(metrics, epoch)
+        _torch.ReduceLROnPlateau.step(self, metrics, epoch)
         self._plateau_device = None  # the host decided: the next device decision starts from the host's state
         self._device_step()
 
