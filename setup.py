@@ -49,9 +49,11 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("FUSED_SCHED_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": list(src["NVCC_FLAGS"])},
+            extra_link_args=list(src["LINK_FLAGS"]),
         )
     else:
-        ext = CppExtension("fused_sched._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fused_sched._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                           extra_link_args=list(src["LINK_FLAGS"]))
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

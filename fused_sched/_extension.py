@@ -53,6 +53,7 @@ def _jit_build():
         sources=sources,
         extra_include_paths=include_dirs,
         extra_cflags=list(_sources.CXX_FLAGS),
+        extra_ldflags=list(_sources.LINK_FLAGS),
         build_directory=build_dir,
         verbose=os.environ.get("FUSED_SCHED_VERBOSE_BUILD", "0") == "1",
     )
