@@ -1,4 +1,6 @@
 """Side-by-side AdamW step benchmark on the current device: torch for-loop, foreach and fused against fused_sched.
+The full suite (schedulers, torch.compile, apex, launches, syncs, memory, chart, end-to-end check) is
+``python -m bench`` (bench/suite.py); this is the quick ``opt.step()``-only comparison.
 
 For each case and implementation it prints the median (p20, p80) time of ``opt.step()``, the bytes the step must
 move divided by that time, and that rate as a fraction of a plain device copy measured in the same run. A JSON

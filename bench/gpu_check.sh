@@ -1,50 +1,63 @@
 #!/usr/bin/env bash
 # One-command GPU check: build fused_sched against the installed (CUDA) torch, run every test (the GPU tests
-# included), run the benchmark, and write the results (JSON with device, versions, commit, date) under
-# bench/results/ (and into $OUT when the caller collects files from there).
+# included), run the benchmark suite (python -m bench), and write the results (JSON with device, versions, commit,
+# date; the markdown table; the PNG chart; the test log and JUnit XML) under bench/results/.
 #
 #     bash bench/gpu_check.sh
 #
-# Works offline: it installs nothing but fused_sched itself (no dependency resolution).
+# When $OUT is set (a caller that collects files from there), every result is written there first and copied into
+# bench/results/ at the end, so a run cut short still leaves what it finished in $OUT. GPU_CHECK_BUDGET_S (default
+# 570: a 10-minute command limit minus a margin) bounds the whole script: the suite gets what the build and the
+# tests left (--time-limit), at least 180 s.
+#
+# Without a git checkout (a copied working tree), set BENCH_COMMIT to the commit the tree is at: the records
+# carry it. Works offline: it installs nothing but fused_sched itself (no dependency resolution).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'" || exit 1
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p bench/results
-log=bench/results/gpu-check-$stamp.log
+dest=${OUT:-bench/results}
+mkdir -p "$dest"
+log=$dest/gpu-check-$stamp.log
 
 echo "== build" | tee "$log"
 MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1 || {
   echo "pip install failed; see $log" | tee -a "$log"; exit 1; }
 python -c "import fused_sched._C as c; print('cuda kernels compiled:', c.cuda_compiled())" | tee -a "$log"
 
-echo "== tests" | tee -a "$log"
-python -m pytest tests -q -rs --junitxml="bench/results/gpu-tests-$stamp.xml" 2>&1 | tee -a "$log"
+echo "== tests ($SECONDS s so far)" | tee -a "$log"
+python -m pytest tests -q -rs --junitxml="$dest/gpu-tests-$stamp.xml" 2>&1 | tee -a "$log"
 tests_rc=${PIPESTATUS[0]}
 
-echo "== benchmark" | tee -a "$log"
-python -m bench.bench_adamw --steps 20 2>&1 | tee -a "$log"
+budget=${GPU_CHECK_BUDGET_S:-570}
+limit=$((budget - SECONDS - 30))
+[ "$limit" -lt 180 ] && limit=180
+echo "== benchmark suite ($SECONDS s so far; --time-limit $limit)" | tee -a "$log"
+python -m bench --stamp "$stamp" --out "$dest" --time-limit "$limit" 2>&1 | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 
-python - "$stamp" "$tests_rc" "$bench_rc" <<'PY'
+python - "$stamp" "$tests_rc" "$bench_rc" "$dest" <<'PY'
 import json, subprocess, sys, datetime, platform
 import torch
 try:
     import triton; tv = triton.__version__
 except ImportError:
     tv = None
-stamp, tests_rc, bench_rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+stamp, tests_rc, bench_rc, dest = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+import os
 commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+commit = commit or os.environ.get("BENCH_COMMIT", "")
 record = {"check": "gpu_check", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": tv,
           "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit,
           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-          "tests_exit_code": tests_rc, "benchmark_exit_code": bench_rc}
-with open(f"bench/results/gpu-check-{stamp}.json", "w") as f:
+          "tests_exit_code": tests_rc, "benchmark_exit_code": bench_rc, "suite": f"suite-cuda-{stamp}.json"}
+with open(f"{dest}/gpu-check-{stamp}.json", "w") as f:
     json.dump(record, f, indent=1)
 print(json.dumps(record))
 PY
-if [ -n "${OUT:-}" ]; then
-  cp bench/results/*"$stamp"* "$OUT"/ 2>/dev/null
-  cp "$(ls -t bench/results/adamw-cuda-*.json 2>/dev/null | head -1)" "$OUT"/ 2>/dev/null
+echo "== done in $SECONDS s" | tee -a "$log"
+if [ "$dest" != "bench/results" ]; then
+  cp "$dest"/*"$stamp"* bench/results/ 2>/dev/null
 fi
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
