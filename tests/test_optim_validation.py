@@ -57,9 +57,9 @@ def test_constructor_validation(cls, kwargs, message):
 def test_cuda_backend_unavailable_is_a_clear_error():
     import fused_sched._C as native
 
-    if native.cuda_compiled():
-        pytest.skip("this build has the CUDA kernels")
-    with pytest.raises(ValueError, match="backend='cuda' is unavailable"):
+    # built without the kernels (CPU torch), or built but not yet driven by the optimizers
+    reason = "do not drive them yet" if native.cuda_compiled() else "built without its CUDA kernels"
+    with pytest.raises(ValueError, match=f"backend='cuda' is unavailable.*{reason}"):
         fused_sched.AdamW([torch.nn.Parameter(torch.randn(3))], backend="cuda")
 
 

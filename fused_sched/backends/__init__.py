@@ -25,13 +25,18 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cuda_available() -> bool:
+    """True once the optimizers can run the C++/CUDA kernels (built, and wired to the optimizers' buckets)."""
+    return False
+
+
 def check_name(backend) -> None:
     """Construction-time check: an unknown name or a backend this installation cannot run is a ValueError."""
     if backend not in NAMES:
         raise ValueError(f"Invalid backend: {backend!r}; expected one of {', '.join(map(repr, NAMES))}")
     if backend == "triton" and not triton_importable():
         raise ValueError("backend='triton' is unavailable: the triton package cannot be imported")
-    if backend == "cuda":
+    if backend == "cuda" and not cuda_available():
         from .._extension import load_extension
 
         if not load_extension().cuda_compiled():
@@ -39,6 +44,11 @@ def check_name(backend) -> None:
                 "backend='cuda' is unavailable: fused_sched was built without its CUDA kernels (a CPU build of "
                 "torch, no nvcc, or FUSED_SCHED_SKIP_CUDA=1 at build time)"
             )
+        raise ValueError(
+            "backend='cuda' is unavailable: the CUDA kernels are built and registered as "
+            "torch.ops.fused_sched.adam_step_ / sgd_step_ for CUDA tensors, but the optimizers do not drive them yet "
+            "(their device-table path is not wired); use backend='triton'"
+        )
 
 
 def resolve(backend: str, device: torch.device) -> str:

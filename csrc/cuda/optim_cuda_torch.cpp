@@ -1,0 +1,255 @@
+// CUDA implementations of fused_sched::adam_step_ and fused_sched::sgd_step_ (schemas in csrc/fused_sched_ops.cpp):
+// torch glue around the torch-free launchers of optim_cuda.cu. Built only against a CUDA build of torch, with
+// -DFUSED_SCHED_WITH_CUDA (setup.py).
+//
+// This op path builds the address table and the chunk map on the host for every call (in pinned memory) and
+// copies them to the device asynchronously on the current stream; it never synchronizes and never reads a device
+// value on the host. The optimizers' eager path will instead keep per-bucket cached device tables (OptimBucket's
+// address table, uploaded when it changes) and call the launchers directly; the Python side will be wired later.
+// Because the tables come from pinned host memory that is recycled after the copy, a CUDA-graph capture of this
+// op would replay stale host addresses: captured steps must use the cached device tables.
+//
+// Differences from the CPU op (csrc/cpu/optim_cpu.cpp), all because the host reads no device value:
+// * hyper, schedule and schedule_step live on the parameters' device (like the Triton backend's tables);
+// * the checks that need the hyper rows' values (amsgrad needs max_exp_avg_sqs, momentum needs momentum_buffers)
+//   cannot run: an optional state given as an undefined or empty tensor has address 0, and the kernels then run
+//   amsgrad as plain Adam / momentum without a kept buffer. The Python side always passes them when needed.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "fused_sched/optim_math.h"
+#include "fused_sched/schedule_math.h"
+#include "optim_cuda.h"
+
+namespace fused_sched::cuda {
+namespace {
+
+ParamDtype param_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ParamDtype::kFloat;
+    case at::kBFloat16: return ParamDtype::kBFloat16;
+    case at::kHalf: return ParamDtype::kHalf;
+    default: TORCH_CHECK(false, "fused_sched: parameters must be float32, bfloat16 or float16, got ", t);
+  }
+  return ParamDtype::kFloat;
+}
+
+void check_hyper(const at::Tensor& hyper, at::IntArrayRef group_index, size_t n, const at::Device& device) {
+  TORCH_CHECK(hyper.device() == device && hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
+                  hyper.size(1) == kHyperColumns && hyper.is_contiguous(),
+              "fused_sched: hyper must be a contiguous float64 tensor of shape [groups, ", int(kHyperColumns),
+              "] on ", device, ", got ", hyper.scalar_type(), " ", hyper.sizes(), " on ", hyper.device());
+  TORCH_CHECK(group_index.size() == n, "fused_sched: group_index has ", group_index.size(), " entries for ", n,
+              " tensors");
+  for (int64_t g : group_index) {
+    TORCH_CHECK(g >= 0 && g < hyper.size(0), "fused_sched: group index ", g, " out of range [0, ", hyper.size(0),
+                ")");
+  }
+}
+
+struct Schedule {
+  const double* program = nullptr;
+  int64_t segments = 0;
+  const double* step = nullptr;
+};
+
+// effective_hyper's checks (optim_cpu.cpp); the kernels evaluate the programs on the device.
+Schedule check_schedule(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
+                        const std::optional<at::Tensor>& schedule_step) {
+  Schedule s;
+  if (!schedule.has_value() || !schedule->defined()) return s;
+  const at::Tensor& table = *schedule;
+  TORCH_CHECK(schedule_step.has_value() && schedule_step->defined(), "fused_sched: a schedule needs its step");
+  const at::Tensor& step = *schedule_step;
+  TORCH_CHECK(table.device() == hyper.device() && table.scalar_type() == at::kDouble && table.dim() == 3 &&
+                  table.size(0) == hyper.size(0) && table.size(2) == kScheduleColumns && table.is_contiguous(),
+              "fused_sched: schedule must be a contiguous float64 tensor [groups, segments, ", int(kScheduleColumns),
+              "] on ", hyper.device(), " with one program per hyper row");
+  TORCH_CHECK(step.device() == hyper.device() && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "fused_sched: schedule_step must be a one-element float64 tensor on ", hyper.device());
+  if (table.size(1) > 0) {
+    s.program = table.data_ptr<double>();
+    s.segments = table.size(1);
+    s.step = step.data_ptr<double>();
+  }
+  return s;
+}
+
+// A state or gradient must be laid out exactly like its parameter so that all of them can be walked as flat
+// arrays of numel elements.
+void check_companion(const at::Tensor& p, const at::Tensor& t, at::ScalarType dtype, const char* what, size_t i) {
+  TORCH_CHECK(t.device() == p.device(), "fused_sched: ", what, "[", i, "] is on ", t.device(), " but its parameter on ",
+              p.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_sched: ", what, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sched: ", what, "[", i, "] has shape ",
+              t.sizes(), " strides ", t.strides(), " but its parameter ", p.sizes(), " ", p.strides());
+  TORCH_CHECK(!t.is_sparse(), "fused_sched: ", what, "[", i, "] is sparse; fused_sched supports dense tensors only");
+}
+
+int64_t address(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? reinterpret_cast<int64_t>(t.data_ptr()) : 0;
+}
+
+// Checks params and grads; returns the bucket's device.
+at::Device check_params(at::TensorList params, at::TensorList grads, const at::Tensor& hyper) {
+  TORCH_CHECK(grads.size() == params.size(), "fused_sched: ", grads.size(), " grads for ", params.size(), " params");
+  const at::Device device = params.empty() ? hyper.device() : params[0].device();
+  TORCH_CHECK(device.is_cuda(), "fused_sched: the CUDA op got tensors on ", device);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device, "fused_sched: params[", i, "] is on ", p.device(), ", expected ", device);
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fused_sched: params[", i, "] is ", p.scalar_type(),
+                " but params[0] is ", params[0].scalar_type(), "; one call takes one dtype");
+    TORCH_CHECK(!p.is_sparse() && p.is_non_overlapping_and_dense(), "fused_sched: params[", i,
+                "] must be dense and non-overlapping");
+    check_companion(p, grads[i], p.scalar_type(), "grads", i);
+  }
+  return device;
+}
+
+// An optional float32 state (max_exp_avg_sq, momentum_buffer): its address, or 0 where the list is empty or the
+// entry is undefined / empty (a placeholder for a group that does not use it).
+int64_t optional_state(const at::Tensor& p, at::TensorList states, const char* what, size_t i) {
+  if (states.empty() || !states[i].defined() || (states[i].numel() == 0 && p.numel() != 0)) return 0;
+  check_companion(p, states[i], at::kFloat, what, i);
+  return address(states[i]);
+}
+
+// The address table (rows of 8, columns 0-4, 6 and 7 filled here, column 5 by `column5`) and the chunk map, built
+// in one pinned host buffer and copied to the device in one asynchronous copy on the current stream.
+struct DeviceTables {
+  at::Tensor storage;  // keeps the device buffer alive until the launch is queued (stream-ordered reuse)
+  int64_t* table = nullptr;
+  const int64_t* chunks = nullptr;
+  int64_t n_rows = 0;
+  int64_t n_chunks = 0;
+};
+
+template <typename RowFn>
+DeviceTables upload_tables(at::TensorList params, const at::Device& device, RowFn&& fill_row) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  int64_t n_chunks = 0;
+  for (const at::Tensor& p : params) n_chunks += (p.numel() + kDefaultChunkElements - 1) / kDefaultChunkElements;
+  at::Tensor host = at::empty({n * 8 + n_chunks * 2}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* t = host.data_ptr<int64_t>();
+  int64_t* c = t + n * 8;
+  for (int64_t i = 0; i < n; ++i) {
+    fill_row(static_cast<size_t>(i), t + i * 8);
+    const int64_t numel = params[i].numel();
+    for (int64_t start = 0; start < numel; start += kDefaultChunkElements) {
+      *c++ = i;
+      *c++ = start;
+    }
+  }
+  DeviceTables d;
+  // Pinned source + non_blocking: cudaMemcpyAsync on the current stream; the caching host allocator records an
+  // event so the pinned block is not reused before the copy has run.
+  d.storage = host.to(device, at::kLong, /*non_blocking=*/true, /*copy=*/true);
+  d.table = d.storage.data_ptr<int64_t>();
+  d.chunks = d.table + n * 8;
+  d.n_rows = n;
+  d.n_chunks = n_chunks;
+  return d;
+}
+
+// The ticket counter of a device: int32 [1], zeroed when created (on the current stream, before the first
+// launch that uses it) and left zero by every launch. One counter per device: launches of this op on different
+// streams of one device must not overlap.
+int32_t* ticket_counter(const at::Device& device) {
+  static std::mutex mutex;
+  // Leaked on purpose: destroying CUDA tensors during static destruction can outlive the CUDA runtime.
+  static auto* counters = new std::vector<at::Tensor>();
+  std::lock_guard<std::mutex> lock(mutex);
+  const size_t index = static_cast<size_t>(device.index());
+  if (counters->size() <= index) counters->resize(index + 1);
+  at::Tensor& counter = (*counters)[index];
+  if (!counter.defined()) counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
+  return counter.data_ptr<int32_t>();
+}
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
+                    at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
+                    const std::optional<at::Tensor>& schedule_step) {
+  const size_t n = params.size();
+  // Every check runs before anything is queued: a rejected call leaves parameters and state untouched.
+  const at::Device device = check_params(params, grads, hyper);
+  check_hyper(hyper, group_index, n, device);
+  const Schedule sched = check_schedule(hyper, schedule, schedule_step);
+  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "fused_sched: adam_step_ needs one exp_avg, exp_avg_sq and step per param (", n, " params, ",
+              exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
+  TORCH_CHECK(max_exp_avg_sqs.size() == n || max_exp_avg_sqs.empty(), "fused_sched: max_exp_avg_sqs has ",
+              max_exp_avg_sqs.size(), " entries for ", n, " params");
+  for (size_t i = 0; i < n; ++i) {
+    check_companion(params[i], exp_avgs[i], at::kFloat, "exp_avgs", i);
+    check_companion(params[i], exp_avg_sqs[i], at::kFloat, "exp_avg_sqs", i);
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.device() == device && s.scalar_type() == at::kFloat && s.numel() == 1, "fused_sched: steps[", i,
+                "] must be a one-element float32 tensor on ", device);
+  }
+  if (n == 0) return;
+  const ParamDtype dtype = param_dtype(params[0].scalar_type());
+  const c10::cuda::CUDAGuard guard(device);
+  DeviceTables d = upload_tables(params, device, [&](size_t i, int64_t* row) {
+    row[0] = address(params[i]);
+    row[1] = address(grads[i]);
+    row[2] = address(exp_avgs[i]);
+    row[3] = address(exp_avg_sqs[i]);
+    row[4] = optional_state(params[i], max_exp_avg_sqs, "max_exp_avg_sqs", i);
+    row[5] = reinterpret_cast<int64_t>(steps[i].data_ptr());
+    row[6] = params[i].numel();
+    row[7] = group_index[i];
+  });
+  C10_CUDA_CHECK(launch_adam_tables(dtype, d.table, d.n_rows, d.chunks, d.n_chunks, kDefaultChunkElements,
+                                    hyper.data_ptr<double>(), sched.program, sched.segments, sched.step,
+                                    ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+}
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
+                   const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step) {
+  const size_t n = params.size();
+  const at::Device device = check_params(params, grads, hyper);
+  check_hyper(hyper, group_index, n, device);
+  const Schedule sched = check_schedule(hyper, schedule, schedule_step);
+  TORCH_CHECK(momentum_buffers.size() == n || momentum_buffers.empty(), "fused_sched: momentum_buffers has ",
+              momentum_buffers.size(), " entries for ", n, " params");
+  TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
+              " params");
+  // Check every optional buffer before anything is queued.
+  std::vector<int64_t> buffers(n);
+  for (size_t i = 0; i < n; ++i) buffers[i] = optional_state(params[i], momentum_buffers, "momentum_buffers", i);
+  if (n == 0) return;
+  const ParamDtype dtype = param_dtype(params[0].scalar_type());
+  const c10::cuda::CUDAGuard guard(device);
+  DeviceTables d = upload_tables(params, device, [&](size_t i, int64_t* row) {
+    row[0] = address(params[i]);
+    row[1] = address(grads[i]);
+    row[2] = buffers[i];
+    row[3] = 0;
+    row[4] = 0;
+    row[5] = fresh_buffers[i] != 0 ? 1 : 0;  // cleared by the kernel's last block
+    row[6] = params[i].numel();
+    row[7] = group_index[i];
+  });
+  C10_CUDA_CHECK(launch_sgd_tables(dtype, d.table, d.n_rows, d.chunks, d.n_chunks, kDefaultChunkElements,
+                                   hyper.data_ptr<double>(), sched.program, sched.segments, sched.step,
+                                   ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_sched, CUDA, m) {
+  m.impl("adam_step_", &adam_step_cuda);
+  m.impl("sgd_step_", &sgd_step_cuda);
+}
+
+}  // namespace fused_sched::cuda
