@@ -13,12 +13,9 @@ record (device, versions, commit, date, every number) is appended under bench/re
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,7 +23,10 @@ import torch
 
 import fused_sched
 
+from .measure import quantile
+from .measure import sync as _sync
 from .shapes import gpt2_124m, many_small
+from .suite import environment
 
 CASES = {
     "gpt2-124m": (gpt2_124m, torch.float32),
@@ -37,11 +37,6 @@ CASES = {
 def adamw_bytes(numel: int, dtype: torch.dtype) -> int:
     p = torch.tensor([], dtype=dtype).element_size()
     return numel * (2 * p + p + 4 * 2 * 2)  # param read+write, grad read, two fp32 states read+write
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_it(fn, device, steps: int, warmup: int = 3) -> list[float]:
@@ -78,11 +73,6 @@ def plan_check_us(opt) -> float | None:
         plan.current()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
-
-
-def quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def implementations(device):
@@ -139,42 +129,6 @@ def run_case(name, device, steps, only=None):
         r["speedup_vs_torch_fused"] = fused.get("torch fused", float("nan")) / r["median_ms"]
         r["speedup_vs_torch_foreach"] = fused.get("torch foreach", float("nan")) / r["median_ms"]
     return rows
-
-
-def environment(device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    if device.type == "cpu":
-        name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
-    import fused_sched._C as native
-
-    return {
-        "device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu_capability": native.cpu_capability(),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def print_table(rows):
