@@ -39,6 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("schedule") = std::nullopt, pybind11::arg("schedule_step") = std::nullopt)
       .def("address_table", &fused_sched::OptimBucket::address_table)
       .def("table_changed", &fused_sched::OptimBucket::table_changed)
+      .def("release_grads", &fused_sched::OptimBucket::release_grads)
       .def("__len__", &fused_sched::OptimBucket::size);
   pybind11::class_<fused_sched::NoGradWatch>(m, "NoGradWatch")
       .def(pybind11::init<std::vector<at::Tensor>>())

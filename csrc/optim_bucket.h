@@ -42,6 +42,13 @@ class OptimBucket {
 
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 
+  // Drops the bucket's references to the gradients once a step is launched, so that zero_grad(set_to_none=True)
+  // frees them as it does with torch.optim (a held reference would keep a model's worth of gradients alive
+  // through the next forward pass). The address table keeps only integers.
+  void release_grads() {
+    for (auto& g : grads_) g.reset();
+  }
+
  private:
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> grads_;

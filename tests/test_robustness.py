@@ -193,3 +193,20 @@ def test_property_parity_with_torch(shapes, groups, name, lr, weight_decay, flag
         opt.step()
         ref.step()
     compare(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_step_does_not_keep_gradients_alive(name, backend):
+    """After opt.step(); opt.zero_grad() the gradients are freed, as with torch.optim."""
+    import weakref
+
+    params = [torch.nn.Parameter(torch.randn(100)) for _ in range(3)]
+    opt = FUSED[name](params, lr=0.1, backend=backend)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(100)
+        refs = [weakref.ref(p.grad) for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(r() is None for r in refs)

@@ -81,6 +81,7 @@ class TritonBucketRunner:
         self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
                     schedule=schedule, schedule_step=schedule_step, BLOCK=self.config["BLOCK"],
                     CHUNK=self.config["CHUNK"])
+        native_bucket.release_grads()
 
     def _rebuild(self, host: torch.Tensor) -> None:
         numels = host[:, 6]
