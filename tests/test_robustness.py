@@ -210,3 +210,43 @@ def test_step_does_not_keep_gradients_alive(name, backend):
         opt.step()
         opt.zero_grad(set_to_none=True)
         assert all(r() is None for r in refs)
+
+
+_SCHEDULES = {
+    "step": lambda M, o, n: M.StepLR(o, max(1, n // 3), 0.5),
+    "cosine": lambda M, o, n: M.CosineAnnealingLR(o, max(1, n // 2), 1e-4),
+    "linear_warmup": lambda M, o, n: M.LinearLR(o, 0.1, 1.0, max(1, n // 2)),
+    "one_cycle": lambda M, o, n: M.OneCycleLR(o, 0.05, total_steps=n + 1, cycle_momentum=False),
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=_shapes,
+    name=st.sampled_from(["AdamW", "SGD"]),
+    schedule=st.sampled_from(sorted(_SCHEDULES)),
+    steps=st.integers(2, 12),
+    amsgrad=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_parity_with_torch_under_a_schedule(shapes, name, schedule, steps, amsgrad, seed):
+    from fused_sched import lr_scheduler
+
+    torch.manual_seed(seed)
+    kwargs = {"lr": 0.02, "momentum": 0.9} if name == "SGD" else {"lr": 0.02, "amsgrad": amsgrad}
+    base = [torch.randn(s, dtype=torch.float64).float() for s in shapes]
+    ours, theirs = clone_leaves(base), clone_leaves(base)
+    opt = FUSED[name](ours, **kwargs, backend="cpu")
+    ref = TORCH[name](theirs, **kwargs, foreach=False)
+    sched = _SCHEDULES[schedule](lr_scheduler, opt, steps)
+    ref_sched = _SCHEDULES[schedule](torch.optim.lr_scheduler, ref, steps)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, dtype=torch.float64) for p in base]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+    compare(opt, ref, ours, theirs)
+    assert sched.get_last_lr() == ref_sched.get_last_lr()
