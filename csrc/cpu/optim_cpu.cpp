@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fused_sched/optim_math.h"
+#include "optim_checks.h"
 #include "fused_sched/schedule_math.h"
 #include "optim_cpu.h"
 #include "optim_cpu_kernels.h"
@@ -71,17 +72,6 @@ void check_hyper(const at::Tensor& hyper, at::IntArrayRef group_index, size_t n)
     TORCH_CHECK(g >= 0 && g < hyper.size(0), "fused_sched: group index ", g, " out of range [0, ", hyper.size(0),
                 ")");
   }
-}
-
-// A state or gradient must be laid out exactly like its parameter so that all of them can be walked as flat
-// arrays of numel elements.
-void check_companion(const at::Tensor& p, const at::Tensor& t, at::ScalarType dtype, const char* what, size_t i) {
-  TORCH_CHECK(t.device() == p.device(), "fused_sched: ", what, "[", i, "] is on ", t.device(), " but its parameter on ",
-              p.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "fused_sched: ", what, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sched: ", what, "[", i, "] has shape ",
-              t.sizes(), " strides ", t.strides(), " but its parameter ", p.sizes(), " ", p.strides());
-  TORCH_CHECK(!t.is_sparse(), "fused_sched: ", what, "[", i, "] is sparse; fused_sched supports dense tensors only");
 }
 
 // The hyper table with every scheduled group's lr and momentum / beta1 replaced by its program's value at the

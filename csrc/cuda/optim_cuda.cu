@@ -344,30 +344,19 @@ cudaError_t launch(ParamDtype dtype, const KernelArgs& args, cudaStream_t stream
   unsigned int grid = 1;
   cudaError_t err = grid_size(args.n_chunks, &grid);
   if (err != cudaSuccess) return err;
+  auto run = [&](auto tag) {
+    using P = decltype(tag);
+    if constexpr (kAdam) {
+      adam_tables_kernel<P><<<grid, kThreads, 0, stream>>>(args);
+    } else {
+      sgd_tables_kernel<P><<<grid, kThreads, 0, stream>>>(args);
+    }
+  };
   switch (dtype) {
-    case ParamDtype::kFloat:
-      if constexpr (kAdam) {
-        adam_tables_kernel<float><<<grid, kThreads, 0, stream>>>(args);
-      } else {
-        sgd_tables_kernel<float><<<grid, kThreads, 0, stream>>>(args);
-      }
-      break;
-    case ParamDtype::kBFloat16:
-      if constexpr (kAdam) {
-        adam_tables_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(args);
-      } else {
-        sgd_tables_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(args);
-      }
-      break;
-    case ParamDtype::kHalf:
-      if constexpr (kAdam) {
-        adam_tables_kernel<__half><<<grid, kThreads, 0, stream>>>(args);
-      } else {
-        sgd_tables_kernel<__half><<<grid, kThreads, 0, stream>>>(args);
-      }
-      break;
-    default:
-      return cudaErrorInvalidValue;
+    case ParamDtype::kFloat: run(float{}); break;
+    case ParamDtype::kBFloat16: run(__nv_bfloat16{}); break;
+    case ParamDtype::kHalf: run(__half{}); break;
+    default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

@@ -26,6 +26,7 @@
 
 #include "fused_sched/optim_math.h"
 #include "fused_sched/schedule_math.h"
+#include "optim_checks.h"
 #include "optim_cuda.h"
 
 namespace fused_sched::cuda {
@@ -80,17 +81,6 @@ Schedule check_schedule(const at::Tensor& hyper, const std::optional<at::Tensor>
     s.step = step.data_ptr<double>();
   }
   return s;
-}
-
-// A state or gradient must be laid out exactly like its parameter so that all of them can be walked as flat
-// arrays of numel elements.
-void check_companion(const at::Tensor& p, const at::Tensor& t, at::ScalarType dtype, const char* what, size_t i) {
-  TORCH_CHECK(t.device() == p.device(), "fused_sched: ", what, "[", i, "] is on ", t.device(), " but its parameter on ",
-              p.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "fused_sched: ", what, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sched: ", what, "[", i, "] has shape ",
-              t.sizes(), " strides ", t.strides(), " but its parameter ", p.sizes(), " ", p.strides());
-  TORCH_CHECK(!t.is_sparse(), "fused_sched: ", what, "[", i, "] is sparse; fused_sched supports dense tensors only");
 }
 
 int64_t address(const at::Tensor& t) {
