@@ -82,7 +82,8 @@ void OptimBucket::adam_step(const at::Tensor& hyper, const std::optional<at::Ten
   RECORD_FUNCTION("fused_sched::adam_step_", std::vector<c10::IValue>());
   TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::adam_step runs CPU buckets");
   cpu::adam_step_cpu(params_, grads_, state_or_empty(states_, 0), state_or_empty(states_, 1),
-                     state_or_empty(states_, 2), steps_, hyper, group_index_, schedule, schedule_step);
+                     state_or_empty(states_, 2), steps_, hyper, group_index_, schedule, schedule_step,
+                     /*checked=*/true);
   release_grads();
 }
 
@@ -91,7 +92,7 @@ void OptimBucket::sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& 
   RECORD_FUNCTION("fused_sched::sgd_step_", std::vector<c10::IValue>());
   TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::sgd_step runs CPU buckets");
   cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), hyper, group_index_, fresh_buffers, schedule,
-                    schedule_step);
+                    schedule_step, /*checked=*/true);
   release_grads();
 }
 

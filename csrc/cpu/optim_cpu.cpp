@@ -109,13 +109,22 @@ struct Bucket {
   int64_t total = 0;
 };
 
-Bucket make_bucket(at::TensorList params, at::TensorList grads) {
+// checked: the caller (OptimBucket) has already checked every layout; the per-tensor comparisons are skipped and
+// only what memory safety needs (element counts) is kept.
+Bucket make_bucket(at::TensorList params, at::TensorList grads, bool checked) {
   TORCH_CHECK(grads.size() == params.size(), "fused_sched: ", grads.size(), " grads for ", params.size(), " params");
   Bucket b;
   b.type = params.empty() ? ParamType::kFloat : param_type(params[0].scalar_type());
   b.slots.resize(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
+    if (checked) {
+      TORCH_CHECK(grads[i].numel() == p.numel(), "fused_sched: grads[", i, "] does not match its parameter");
+      b.slots[i].param = p.data_ptr();
+      b.slots[i].grad = grads[i].data_ptr();
+      b.slots[i].numel = p.numel();
+      continue;
+    }
     TORCH_CHECK(p.device().is_cpu(), "fused_sched: params[", i, "] is on ", p.device(), ", expected cpu");
     TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fused_sched: params[", i, "] is ", p.scalar_type(),
                 " but params[0] is ", params[0].scalar_type(), "; one call takes one dtype");
@@ -150,8 +159,12 @@ void run_chunks(const Bucket& b, Fn&& fn) {
   }
 }
 
-void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* what, size_t i) {
-  check_companion(p, s, at::kFloat, what, i);
+void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* what, size_t i, bool checked) {
+  if (checked) {
+    TORCH_CHECK(s.numel() == p.numel(), "fused_sched: ", what, "[", i, "] does not match its parameter");
+  } else {
+    check_companion(p, s, at::kFloat, what, i);
+  }
 }
 
 }  // namespace
@@ -182,7 +195,7 @@ void set_cpu_capability(const std::string& name) {
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper_table,
                    at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
-                   const std::optional<at::Tensor>& schedule_step) {
+                   const std::optional<at::Tensor>& schedule_step, bool checked) {
   const size_t n = params.size();
   // Every check runs before anything is written: a rejected call leaves parameters and state untouched.
   check_hyper(hyper_table, group_index, n);
@@ -192,25 +205,25 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
               exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
   TORCH_CHECK(max_exp_avg_sqs.size() == n || max_exp_avg_sqs.empty(), "fused_sched: max_exp_avg_sqs has ",
               max_exp_avg_sqs.size(), " entries for ", n, " params");
-  Bucket b = make_bucket(params, grads);
+  Bucket b = make_bucket(params, grads, checked);
   const double* table = hyper.data_ptr<double>();
   std::vector<float> new_steps(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const double* row = table + group_index[i] * kHyperColumns;
     const bool amsgrad = hyper_flags(row) & kAmsgrad;
-    check_float_state(p, exp_avgs[i], "exp_avgs", i);
-    check_float_state(p, exp_avg_sqs[i], "exp_avg_sqs", i);
+    check_float_state(p, exp_avgs[i], "exp_avgs", i, checked);
+    check_float_state(p, exp_avg_sqs[i], "exp_avg_sqs", i, checked);
     b.slots[i].state0 = exp_avgs[i].data_ptr<float>();
     b.slots[i].state1 = exp_avg_sqs[i].data_ptr<float>();
     b.slots[i].state2 = nullptr;
     if (amsgrad) {
       TORCH_CHECK(!max_exp_avg_sqs.empty(), "fused_sched: amsgrad needs max_exp_avg_sqs");
-      check_float_state(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
+      check_float_state(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i, checked);
       b.slots[i].state2 = max_exp_avg_sqs[i].data_ptr<float>();
     }
     const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+    TORCH_CHECK(checked || (s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1),
                 "fused_sched: steps[", i, "] must be a one-element float32 CPU tensor");
     // torch keeps the step as float32 and adds 1 in float32 before reading it.
     new_steps[i] = *s.data_ptr<float>() + 1.0f;
@@ -227,7 +240,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   const at::Tensor& hyper_table, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
-                  const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step) {
+                  const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                  bool checked) {
   const size_t n = params.size();
   check_hyper(hyper_table, group_index, n);
   const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/false);
@@ -235,7 +249,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
               momentum_buffers.size(), " entries for ", n, " params");
   TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
               " params");
-  Bucket b = make_bucket(params, grads);
+  Bucket b = make_bucket(params, grads, checked);
   const double* table = hyper.data_ptr<double>();
   for (size_t i = 0; i < n; ++i) {
     const double* row = table + group_index[i] * kHyperColumns;
@@ -244,7 +258,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     b.slots[i].state0 = nullptr;
     if (row[kMomentum] != 0.0) {
       TORCH_CHECK(!momentum_buffers.empty(), "fused_sched: momentum needs momentum_buffers");
-      check_float_state(params[i], momentum_buffers[i], "momentum_buffers", i);
+      check_float_state(params[i], momentum_buffers[i], "momentum_buffers", i, checked);
       b.slots[i].state0 = momentum_buffers[i].data_ptr<float>();
     }
     b.slots[i].state1 = b.slots[i].state2 = nullptr;
@@ -272,10 +286,28 @@ at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& s
   return out;
 }
 
+namespace {
+// The registered operators check everything; OptimBucket calls the same functions with checked = true.
+void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
+                  at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
+                  const std::optional<at::Tensor>& schedule_step) {
+  adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, group_index, schedule,
+                schedule_step, /*checked=*/false);
+}
+
+void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
+                 const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step) {
+  sgd_step_cpu(params, grads, momentum_buffers, hyper, group_index, fresh_buffers, schedule, schedule_step,
+               /*checked=*/false);
+}
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fused_sched, CPU, m) {
   m.impl("evaluate_schedule", &evaluate_schedule_cpu);
-  m.impl("adam_step_", &adam_step_cpu);
-  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adam_step_", &adam_step_op);
+  m.impl("sgd_step_", &sgd_step_op);
 }
 
 }  // namespace fused_sched::cpu
