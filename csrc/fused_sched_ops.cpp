@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/optim_cpu.h"
+#include "fused_sched/optim_math.h"
 #include "optim_bucket.h"
 
 TORCH_LIBRARY(fused_sched, m) {
@@ -14,12 +15,20 @@ TORCH_LIBRARY(fused_sched, m) {
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor hyper, int[] group_index, "
-      "Tensor? schedule=None, Tensor? schedule_step=None) -> ()");
+      "Tensor? schedule=None, Tensor? schedule_step=None, Tensor(f!)[]? master_params=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(g!)? step_advance=None, "
+      "int[] param_ids=[], int sr_seed=0) -> ()");
+  // master_params .. sr_seed: the large-model options (optim_cpu.h StepOptions): float32 master copies (an empty
+  // tensor where a param has none), GradScaler's grad_scale / found_inf (a found_inf != 0 skips the whole step),
+  // a fused clip's coefficient, the step_advance flag written for the device schedulers, and the stochastic
+  // rounding stream's param ids and seed.
   // SGD over one bucket. momentum_buffers may be empty when no group uses momentum; fresh_buffers[i] != 0 marks a
   // buffer created by this step (torch then copies the gradient into it).
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "
-      "int[] group_index, int[] fresh_buffers, Tensor? schedule=None, Tensor? schedule_step=None) -> ()");
+      "int[] group_index, int[] fresh_buffers, Tensor? schedule=None, Tensor? schedule_step=None, "
+      "Tensor(c!)[]? master_params=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(d!)? step_advance=None) -> ()");
   // (lr, momentum) of every group's schedule program at schedule_step (schedule_math.h); NaN where unset.
   m.def("evaluate_schedule(Tensor schedule, Tensor schedule_step) -> Tensor");
 }
@@ -31,12 +40,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Select the CPU kernel variant (tests and benchmarks); refuses one the CPU cannot run");
   pybind11::class_<fused_sched::OptimBucket>(m, "OptimBucket")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>,
-                          std::vector<int64_t>>())
+                          std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>>())
       .def("refresh_grads", &fused_sched::OptimBucket::refresh_grads)
-      .def("adam_step", &fused_sched::OptimBucket::adam_step, pybind11::arg("hyper"),
-           pybind11::arg("schedule") = std::nullopt, pybind11::arg("schedule_step") = std::nullopt)
-      .def("sgd_step", &fused_sched::OptimBucket::sgd_step, pybind11::arg("hyper"), pybind11::arg("fresh_buffers"),
-           pybind11::arg("schedule") = std::nullopt, pybind11::arg("schedule_step") = std::nullopt)
+      .def(
+          "adam_step",
+          [](fused_sched::OptimBucket& b, const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
+             const std::optional<at::Tensor>& schedule_step, const std::optional<at::Tensor>& grad_scale,
+             const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+             const std::optional<at::Tensor>& step_advance, int64_t sr_seed) {
+            b.adam_step(hyper, schedule, schedule_step, {grad_scale, found_inf, clip_coef, step_advance}, sr_seed);
+          },
+          pybind11::arg("hyper"), pybind11::arg("schedule") = std::nullopt,
+          pybind11::arg("schedule_step") = std::nullopt, pybind11::arg("grad_scale") = std::nullopt,
+          pybind11::arg("found_inf") = std::nullopt, pybind11::arg("clip_coef") = std::nullopt,
+          pybind11::arg("step_advance") = std::nullopt, pybind11::arg("sr_seed") = 0)
+      .def(
+          "sgd_step",
+          [](fused_sched::OptimBucket& b, const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
+             const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+             const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance) {
+            b.sgd_step(hyper, fresh_buffers, schedule, schedule_step, {grad_scale, found_inf, clip_coef, step_advance});
+          },
+          pybind11::arg("hyper"), pybind11::arg("fresh_buffers"), pybind11::arg("schedule") = std::nullopt,
+          pybind11::arg("schedule_step") = std::nullopt, pybind11::arg("grad_scale") = std::nullopt,
+          pybind11::arg("found_inf") = std::nullopt, pybind11::arg("clip_coef") = std::nullopt,
+          pybind11::arg("step_advance") = std::nullopt)
+      .def("grad_norm_accumulate", &fused_sched::OptimBucket::grad_norm_accumulate, pybind11::arg("norm_type"),
+           pybind11::arg("grad_scale") = 1.0)
       .def("address_table", &fused_sched::OptimBucket::address_table)
       .def("table_changed", &fused_sched::OptimBucket::table_changed)
       .def("release_grads", &fused_sched::OptimBucket::release_grads)
@@ -44,6 +75,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<fused_sched::NoGradWatch>(m, "NoGradWatch")
       .def(pybind11::init<std::vector<at::Tensor>>())
       .def("still_none", &fused_sched::NoGradWatch::still_none);
+  m.def(
+      "clip_coefficients",
+      [](double accumulated, double norm_type, double max_norm) {
+        const float total = fused_sched::total_norm_from(accumulated, norm_type);
+        return std::make_tuple(total, fused_sched::clip_coefficient(total, static_cast<float>(max_norm)));
+      },
+      "(total_norm, clip_coef) in float32 from a fused clip's accumulated norm (optim_math.h)");
+  m.def("rounding_key", &fused_sched::rounding_key, "optim_math.h rounding_key (tests)");
+  m.def("rounding_bits", &fused_sched::rounding_bits, "optim_math.h rounding_bits (tests)");
   m.def("cuda_compiled", []() {
 #ifdef FUSED_SCHED_WITH_CUDA
     return true;

@@ -13,14 +13,19 @@
 #include <string>
 #include <vector>
 
+#include "cpu/optim_cpu.h"
+
 namespace fused_sched {
 
 class OptimBucket {
  public:
   // states[k][i]: the k-th state tensor of param i (Adam: exp_avg, exp_avg_sq, max_exp_avg_sq; SGD:
   // momentum_buffer); a list may be empty when no tensor needs it. steps: Adam's step tensors (may be empty).
+  // masters: empty, or one per param: its float32 master copy (master_weights) or an undefined / empty tensor.
+  // param_ids: each param's index in the optimizer (stochastic rounding keys its random bits on it).
   OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
-              std::vector<at::Tensor> steps, std::vector<int64_t> group_index);
+              std::vector<at::Tensor> steps, std::vector<int64_t> group_index, std::vector<at::Tensor> masters,
+              std::vector<int64_t> param_ids);
 
   // Reads every parameter's .grad. Returns an empty string when all gradients are present and laid out like
   // their parameters and no parameter changed dtype, device or shape; otherwise a description of the first
@@ -28,14 +33,24 @@ class OptimBucket {
   // address in it changed (table_changed()).
   std::string refresh_grads();
 
+  // The step on a CPU bucket; `amp` holds the optional per-step tensors (grad_scale, found_inf, clip_coef,
+  // step_advance) of cpu::StepOptions.
+  struct Amp {
+    std::optional<at::Tensor> grad_scale, found_inf, clip_coef, step_advance;
+  };
   void adam_step(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
-                 const std::optional<at::Tensor>& schedule_step);
+                 const std::optional<at::Tensor>& schedule_step, const Amp& amp, int64_t sr_seed);
   void sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
-                const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step);
+                const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                const Amp& amp);
+  // The bucket's share of a fused clip's norm (cpu::grad_norm_accumulate_cpu) over the gradients of the last
+  // refresh_grads(); CPU buckets.
+  double grad_norm_accumulate(double norm_type, double grad_scale) const;
 
-  // int64 [n, 8] table of (param, grad, state0, state1, state2, step) addresses, numel and group index, on the
-  // CPU; rows of absent states hold 0. Valid after refresh_grads(); the same tensor every time (the caller may
-  // write column 5, which the next refresh_grads() overwrites with the step addresses, or 0).
+  // int64 [n, kTableColumns] address table (optim_math.h TableColumn): param, grad, state0-2, step addresses,
+  // numel, group index, master address, param id, on the CPU; absent tensors hold 0. Valid after
+  // refresh_grads(); the same tensor every time (the caller may write column kColStep, which the next
+  // refresh_grads() overwrites with the step addresses, or 0).
   at::Tensor address_table() const { return table_; }
   // Whether the last refresh_grads() changed any entry of the address table.
   bool table_changed() const { return table_changed_; }
@@ -55,10 +70,14 @@ class OptimBucket {
   std::vector<std::vector<at::Tensor>> states_;
   std::vector<at::Tensor> steps_;
   std::vector<int64_t> group_index_;
+  std::vector<at::Tensor> masters_;
+  std::vector<int64_t> param_ids_;
   at::ScalarType dtype_;
   at::Device device_;
   at::Tensor table_;
   bool table_changed_ = true;
+
+  cpu::StepOptions options(const Amp& amp, int64_t sr_seed) const;
 };
 
 // True when no tensor in `params` has a gradient (the parameters that a plan skipped must still have none).

@@ -14,6 +14,10 @@ AMSGRAD = 1
 MAXIMIZE = 2
 NESTEROV = 4
 DECOUPLED_WEIGHT_DECAY = 8
+STOCHASTIC_ROUNDING = 16
+# Not read by the kernels (a master copy is found by its address): makes a change of master_weights change the row,
+# which is what tells the optimizer to rebuild its buckets.
+MASTER_WEIGHTS = 32
 
 
 def scalar(value) -> float:
@@ -35,6 +39,8 @@ def adam_row(group: dict) -> tuple:
         (AMSGRAD if group["amsgrad"] else 0)
         | (MAXIMIZE if group["maximize"] else 0)
         | (DECOUPLED_WEIGHT_DECAY if group["decoupled_weight_decay"] else 0)
+        | (STOCHASTIC_ROUNDING if group.get("stochastic_rounding") else 0)
+        | (MASTER_WEIGHTS if group.get("master_weights") else 0)
     )
     return (
         scalar(group["lr"]), scalar(beta1), scalar(beta2), float(group["eps"]), scalar(group["weight_decay"]),
@@ -43,7 +49,11 @@ def adam_row(group: dict) -> tuple:
 
 
 def sgd_row(group: dict) -> tuple:
-    flags = (MAXIMIZE if group["maximize"] else 0) | (NESTEROV if group["nesterov"] else 0)
+    flags = (
+        (MAXIMIZE if group["maximize"] else 0)
+        | (NESTEROV if group["nesterov"] else 0)
+        | (MASTER_WEIGHTS if group.get("master_weights") else 0)
+    )
     return (
         scalar(group["lr"]), 0.0, 0.0, 0.0, scalar(group["weight_decay"]), float(group["momentum"]),
         float(group["dampening"]), float(flags),

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+import fused_sched
 from optim_reference import FUSED, TORCH, clone_leaves, compare, draw_grads, grouped, make_params, set_grads
 
 CASES = [
@@ -64,12 +65,23 @@ def test_state_dict_has_torchs_layout(name):
     ours.step()
     theirs.step()
     a, b = ours.state_dict(), theirs.state_dict()
-    assert [set(g) for g in a["param_groups"]] == [set(g) for g in b["param_groups"]]
+    # torch's keys, plus fused_sched's own group options (which torch ignores when it loads them).
+    extra = {"master_weights", "stochastic_rounding"} if name == "AdamW" else {"master_weights"}
+    assert [set(g) for g in a["param_groups"]] == [set(g) | extra for g in b["param_groups"]]
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
         assert set(a["state"][k]) == set(b["state"][k])
         if "step" in a["state"][k]:
             assert a["state"][k]["step"].dtype == torch.float32 and a["state"][k]["step"].dim() == 0
+
+
+def test_loading_torchs_state_dict_keeps_fused_sched_options():
+    """torch's param groups lack master_weights / stochastic_rounding: loading them keeps the constructor's."""
+    ours_p, theirs_p = clone_leaves(make_params()), clone_leaves(make_params())
+    theirs = torch.optim.AdamW(theirs_p)
+    ours = fused_sched.AdamW(ours_p, stochastic_rounding=True)
+    ours.load_state_dict(theirs.state_dict())
+    assert all(g["stochastic_rounding"] and not g["master_weights"] for g in ours.param_groups)
 
 
 def test_bf16_params_keep_float32_states_through_load():

@@ -251,7 +251,7 @@ def _addresses(params, grads, states, column5):
     def address(t):
         return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
-    rows = [[address(p), address(grads[i]), *(address(s[i]) for s in states), column5[i], p.numel(), GROUP_OF[i]]
+    rows = [[address(p), address(grads[i]), *(address(s[i]) for s in states), column5[i], p.numel(), GROUP_OF[i], 0, i]
             for i, p in enumerate(params)]
     return torch.tensor(rows, dtype=torch.int64, device=DEVICE)
 

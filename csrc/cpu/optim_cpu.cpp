@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -167,6 +169,66 @@ void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* wha
   }
 }
 
+
+void check_scalar(const std::optional<at::Tensor>& t, at::ScalarType dtype, const char* what) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->numel() == 1, "fused_sched: ", what,
+              " must be a one-element ", dtype, " tensor on the CPU, got ", t->scalar_type(), " ", t->sizes(), " on ",
+              t->device());
+}
+
+template <typename T>
+T scalar_or(const std::optional<at::Tensor>& t, T fallback) {
+  return t.has_value() && t->defined() ? *t->data_ptr<T>() : fallback;
+}
+
+// Checks StepOptions (optim_cpu.h) against the call's params; returns the gradient pre-scaling.
+StepExtras check_options(const StepOptions& o, at::TensorList params, bool checked) {
+  const size_t n = params.size();
+  check_scalar(o.grad_scale, at::kFloat, "grad_scale");
+  check_scalar(o.found_inf, at::kFloat, "found_inf");
+  check_scalar(o.clip_coef, at::kFloat, "clip_coef");
+  check_scalar(o.step_advance, at::kDouble, "step_advance");
+  TORCH_CHECK(o.master_params.empty() || o.master_params.size() == n, "fused_sched: master_params has ",
+              o.master_params.size(), " entries for ", n, " params");
+  TORCH_CHECK(o.param_ids.empty() || o.param_ids.size() == n, "fused_sched: param_ids has ", o.param_ids.size(),
+              " entries for ", n, " params");
+  for (size_t i = 0; i < o.master_params.size(); ++i) {
+    const at::Tensor& m = o.master_params[i];
+    if (!m.defined() || m.numel() == 0) continue;
+    if (checked) {
+      TORCH_CHECK(m.numel() == params[i].numel(), "fused_sched: master_params[", i, "] does not match its parameter");
+    } else {
+      TORCH_CHECK(params[i].scalar_type() != at::kFloat, "fused_sched: master_params[", i,
+                  "] given for a float32 parameter");
+      check_companion(params[i], m, at::kFloat, "master_params", i);
+    }
+  }
+  StepExtras e;
+  if (o.grad_scale.has_value() && o.grad_scale->defined()) {
+    e.divide = true;
+    e.grad_scale = *o.grad_scale->data_ptr<float>();
+  }
+  if (o.clip_coef.has_value() && o.clip_coef->defined()) {
+    e.multiply = true;
+    e.clip_coef = *o.clip_coef->data_ptr<float>();
+  }
+  return e;
+}
+
+// After every check: a step that found_inf skips changes nothing; step_advance records whether it ran.
+bool skip_step(const StepOptions& o) {
+  const bool skip = scalar_or<float>(o.found_inf, 0.0f) != 0.0f;
+  if (o.step_advance.has_value() && o.step_advance->defined()) *o.step_advance->data_ptr<double>() = skip ? 0.0 : 1.0;
+  return skip;
+}
+
+float* master_of(const StepOptions& o, size_t i) {
+  if (o.master_params.empty()) return nullptr;
+  const at::Tensor& m = o.master_params[i];
+  return m.defined() && m.numel() > 0 ? m.data_ptr<float>() : nullptr;
+}
+
 }  // namespace
 
 const KernelTable* find_kernels(const std::string& name) {
@@ -195,7 +257,7 @@ void set_cpu_capability(const std::string& name) {
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper_table,
                    at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
-                   const std::optional<at::Tensor>& schedule_step, bool checked) {
+                   const std::optional<at::Tensor>& schedule_step, const StepOptions& options, bool checked) {
   const size_t n = params.size();
   // Every check runs before anything is written: a rejected call leaves parameters and state untouched.
   check_hyper(hyper_table, group_index, n);
@@ -206,6 +268,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(max_exp_avg_sqs.size() == n || max_exp_avg_sqs.empty(), "fused_sched: max_exp_avg_sqs has ",
               max_exp_avg_sqs.size(), " entries for ", n, " params");
   Bucket b = make_bucket(params, grads, checked);
+  const StepExtras extras = check_options(options, params, checked);
   const double* table = hyper.data_ptr<double>();
   std::vector<float> new_steps(n);
   for (size_t i = 0; i < n; ++i) {
@@ -229,11 +292,20 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     new_steps[i] = *s.data_ptr<float>() + 1.0f;
     b.slots[i].hyper = row;
     b.slots[i].step = static_cast<double>(new_steps[i]);
+    b.slots[i].master = master_of(options, i);
+    b.slots[i].stochastic = (hyper_flags(row) & kStochasticRounding) && b.slots[i].master == nullptr &&
+                            b.type == ParamType::kBFloat16;
+    if (b.slots[i].stochastic) {
+      const int64_t id = options.param_ids.empty() ? static_cast<int64_t>(i) : options.param_ids[i];
+      b.slots[i].rounding_key = rounding_key(static_cast<uint64_t>(options.sr_seed),
+                                             static_cast<uint32_t>(new_steps[i]), static_cast<uint32_t>(id));
+    }
   }
+  if (skip_step(options)) return;
   make_chunks(b);
   const KernelTable* k = active_kernels();
   run_chunks(b, [&](int64_t first, int64_t last) {
-    k->adam_chunks(b.type, b.slots.data(), b.chunks.data(), first, last);
+    k->adam_chunks(b.type, b.slots.data(), b.chunks.data(), extras, first, last);
   });
   for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
 }
@@ -241,7 +313,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   const at::Tensor& hyper_table, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
                   const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
-                  bool checked) {
+                  const StepOptions& options, bool checked) {
   const size_t n = params.size();
   check_hyper(hyper_table, group_index, n);
   const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/false);
@@ -250,10 +322,13 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
               " params");
   Bucket b = make_bucket(params, grads, checked);
+  const StepExtras extras = check_options(options, params, checked);
   const double* table = hyper.data_ptr<double>();
   for (size_t i = 0; i < n; ++i) {
     const double* row = table + group_index[i] * kHyperColumns;
     b.slots[i].hyper = row;
+    b.slots[i].master = master_of(options, i);
+    b.slots[i].stochastic = false;  // SGD keeps no step to draw rounding bits from
     b.slots[i].fresh = fresh_buffers[i] != 0;
     b.slots[i].state0 = nullptr;
     if (row[kMomentum] != 0.0) {
@@ -263,11 +338,87 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     }
     b.slots[i].state1 = b.slots[i].state2 = nullptr;
   }
+  if (skip_step(options)) return;
   make_chunks(b);
   const KernelTable* k = active_kernels();
   run_chunks(b, [&](int64_t first, int64_t last) {
-    k->sgd_chunks(b.type, b.slots.data(), b.chunks.data(), first, last);
+    k->sgd_chunks(b.type, b.slots.data(), b.chunks.data(), extras, first, last);
   });
+}
+
+namespace {
+// One chunk's contribution to the norm: |x|^p summed (or the maximum of |x|) in float64 over eight independent
+// lanes, which the compiler can vectorize without reassociating a sum. |x|^2 and |x| are formed in float32 like
+// torch's norm kernels; a general p is raised in float64.
+template <typename scalar_t>
+double norm_chunk(const scalar_t* g, int64_t begin, int64_t end, double norm_type, float scale) {
+  constexpr int kLanes = 8;
+  const bool inf_norm = std::isinf(norm_type);
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  bool nan = false;
+  auto value = [&](int64_t i) { return std::fabs(static_cast<float>(g[i]) / scale); };
+  auto term = [&](float a) -> double {
+    if (norm_type == 2.0) return static_cast<double>(a * a);
+    if (norm_type == 1.0) return static_cast<double>(a);
+    return std::pow(static_cast<double>(a), norm_type);
+  };
+  int64_t i = begin;
+  if (inf_norm) {
+    for (; i < end; ++i) {
+      const float a = value(i);
+      nan |= std::isnan(a);
+      lanes[0] = std::max(lanes[0], static_cast<double>(a));
+    }
+    return nan ? NAN : lanes[0];
+  }
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += term(value(i + k));
+  }
+  for (; i < end; ++i) lanes[0] += term(value(i));
+  double sum = 0.0;
+  for (double l : lanes) sum += l;
+  return sum;
+}
+}  // namespace
+
+double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double grad_scale) {
+  TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.device().is_cpu() && g.is_non_overlapping_and_dense(), "fused_sched: grads[", i,
+                "] must be a dense CPU tensor");
+    for (int64_t s = 0; s < g.numel(); s += kChunkElements) {
+      chunks.push_back({static_cast<int64_t>(i), s, std::min(g.numel(), s + kChunkElements)});
+    }
+  }
+  const bool inf_norm = std::isinf(norm_type);
+  const float scale = static_cast<float>(grad_scale);
+  // One partial per chunk, combined in chunk order: the result does not depend on the thread count.
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& ch = chunks[c];
+      const at::Tensor& g = grads[ch.tensor];
+      switch (g.scalar_type()) {
+        case at::kFloat: partial[c] = norm_chunk(g.data_ptr<float>(), ch.begin, ch.end, norm_type, scale); break;
+        case at::kBFloat16:
+          partial[c] = norm_chunk(g.data_ptr<at::BFloat16>(), ch.begin, ch.end, norm_type, scale);
+          break;
+        case at::kHalf: partial[c] = norm_chunk(g.data_ptr<at::Half>(), ch.begin, ch.end, norm_type, scale); break;
+        default: TORCH_CHECK(false, "fused_sched: gradients must be float32, bfloat16 or float16");
+      }
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) {
+    if (inf_norm) {
+      total = (std::isnan(p) || std::isnan(total)) ? NAN : std::max(total, p);
+    } else {
+      total += p;
+    }
+  }
+  return total;
 }
 
 at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step) {
@@ -288,18 +439,41 @@ at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& s
 
 namespace {
 // The registered operators check everything; OptimBucket calls the same functions with checked = true.
+StepOptions make_options(std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                         const std::optional<at::Tensor>& step_advance, at::IntArrayRef param_ids, int64_t sr_seed) {
+  StepOptions o;
+  if (master_params.has_value()) o.master_params = *master_params;
+  o.grad_scale = grad_scale;
+  o.found_inf = found_inf;
+  o.clip_coef = clip_coef;
+  o.step_advance = step_advance;
+  o.param_ids = param_ids;
+  o.sr_seed = sr_seed;
+  return o;
+}
+
 void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
                   at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
-                  const std::optional<at::Tensor>& schedule_step) {
+                  const std::optional<at::Tensor>& schedule_step, std::optional<at::TensorList> master_params,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
+                  at::IntArrayRef param_ids, int64_t sr_seed) {
   adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, group_index, schedule,
-                schedule_step, /*checked=*/false);
+                schedule_step,
+                make_options(master_params, grad_scale, found_inf, clip_coef, step_advance, param_ids, sr_seed),
+                /*checked=*/false);
 }
 
 void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
-                 const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step) {
+                 const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                 std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                 const std::optional<at::Tensor>& step_advance) {
   sgd_step_cpu(params, grads, momentum_buffers, hyper, group_index, fresh_buffers, schedule, schedule_step,
+               make_options(master_params, grad_scale, found_inf, clip_coef, step_advance, at::IntArrayRef(), 0),
                /*checked=*/false);
 }
 }  // namespace

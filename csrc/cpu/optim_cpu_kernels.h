@@ -21,6 +21,20 @@ struct TensorSlot {
   const double* hyper;  // the row of this tensor's param group in the hyper-parameter table
   double step;          // Adam: the step count after this step's increment
   bool fresh;           // SGD: the momentum buffer is created by this step
+  float* master;        // float32 master copy of a low-precision param (null without one): read and written
+                        // in place of the param, which receives the master rounded to nearest even
+  bool stochastic;      // bfloat16 param without a master: written with stochastic rounding
+  uint32_t rounding_key;  // rounding_key(seed, step, param id) of optim_math.h when `stochastic`
+};
+
+// What the whole call applies to every gradient before the update (optim_math.h GradPrescale: GradScaler's scale,
+// a fused clip's coefficient). Plain data: this header must not include optim_math.h, which each capability
+// translation unit compiles under its own ABI name.
+struct StepExtras {
+  float grad_scale = 1.0f;
+  float clip_coef = 1.0f;
+  bool divide = false;
+  bool multiply = false;
 };
 
 // A contiguous range of one tensor's elements: the unit of work given to a thread.
@@ -32,7 +46,8 @@ struct Chunk {
 
 // Runs chunks [first, last) of `chunks`, each over the tensor it names in `slots`. The per-tensor scalars are
 // derived from the slot's hyper row and step inside the kernel, with the kernel's own copy of optim_math.h.
-using ChunksFn = void (*)(ParamType, const TensorSlot*, const Chunk*, int64_t first, int64_t last);
+using ChunksFn = void (*)(ParamType, const TensorSlot*, const Chunk*, const StepExtras&, int64_t first,
+                          int64_t last);
 
 struct KernelTable {
   const char* name;

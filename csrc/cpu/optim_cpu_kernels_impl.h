@@ -10,6 +10,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <type_traits>
+
 #include "fused_sched/optim_math.h"
 #include "optim_cpu_kernels.h"
 
@@ -77,71 +79,137 @@ struct ParamIO<float> {
   static void store(float* dst, const FVec (&in)[1]) { in[0].store(dst); }
 };
 
+inline GradPrescale<float> prescale_of(const StepExtras& e) {
+  return {e.grad_scale, e.clip_coef, e.divide, e.multiply};
+}
+
+inline GradPrescale<FVec> broadcast(const GradPrescale<float>& s) {
+  return {FVec(s.scale), FVec(s.coef), s.divide, s.multiply};
+}
+
+// Where a parameter's float32 value comes from and where the updated value goes: the param itself, or its master
+// copy (read and written in float32; the param receives it rounded to nearest even), and a bfloat16 param
+// without a master is written with stochastic rounding when the slot asks for it.
 template <typename scalar_t>
-void adam_range(const TensorSlot& t, const AdamCoeffs<float>& c, int64_t begin, int64_t end) {
+struct ParamAccess {
+  using IO = ParamIO<scalar_t>;
+  static constexpr int64_t V = IO::kVectors;
+  static constexpr int64_t F = FVec::size();
+  static constexpr bool kCanRoundStochastically = std::is_same_v<scalar_t, c10::BFloat16>;
+
+  scalar_t* p;
+  float* master;
+  bool stochastic;
+  uint32_t key;
+
+  explicit ParamAccess(const TensorSlot& t)
+      : p(static_cast<scalar_t*>(t.param)), master(t.master), stochastic(kCanRoundStochastically && t.stochastic),
+        key(t.rounding_key) {}
+
+  void load(int64_t i, FVec (&out)[V]) const {
+    if (master) {
+      for (int64_t k = 0; k < V; ++k) out[k] = FVec::loadu(master + i + k * F);
+    } else {
+      IO::load(p + i, out);
+    }
+  }
+
+  void store(int64_t i, const FVec (&in)[V]) const {
+    if (master) {
+      for (int64_t k = 0; k < V; ++k) in[k].store(master + i + k * F);
+    }
+    if (stochastic) {
+      alignas(64) float values[IO::kLanes];
+      for (int64_t k = 0; k < V; ++k) in[k].store(values + k * F);
+      for (int64_t j = 0; j < IO::kLanes; ++j) store_one(i + j, values[j]);
+    } else {
+      IO::store(p + i, in);
+    }
+  }
+
+  float load_one(int64_t i) const { return master ? master[i] : static_cast<float>(p[i]); }
+
+  void store_one(int64_t i, float value) const {
+    if (master) master[i] = value;
+    if constexpr (kCanRoundStochastically) {
+      if (stochastic) {
+        p[i] = c10::BFloat16(bf16_bits_stochastic(value, rounding_bits(key, i)), c10::BFloat16::from_bits());
+        return;
+      }
+    }
+    p[i] = static_cast<scalar_t>(value);
+  }
+};
+
+template <typename scalar_t>
+void adam_range(const TensorSlot& t, const AdamCoeffs<float>& c, const GradPrescale<float>& pre, int64_t begin,
+                int64_t end) {
   using IO = ParamIO<scalar_t>;
   constexpr int64_t V = IO::kVectors;
   constexpr int64_t F = FVec::size();
-  auto* p = static_cast<scalar_t*>(t.param);
+  const ParamAccess<scalar_t> param(t);
   const auto* g = static_cast<const scalar_t*>(t.grad);
   float* m = t.state0;
   float* v = t.state1;
   float* vmax = t.state2;
   const bool amsgrad = c.flags & kAmsgrad;
   const AdamCoeffs<FVec> cv = broadcast(c);
+  const GradPrescale<FVec> prev = broadcast(pre);
   int64_t i = begin;
   for (; i + IO::kLanes <= end; i += IO::kLanes) {
     FVec pv[V], gv[V];
-    IO::load(p + i, pv);
+    param.load(i, pv);
     IO::load(g + i, gv);
     for (int64_t k = 0; k < V; ++k) {
       FVec mv = FVec::loadu(m + i + k * F);
       FVec vv = FVec::loadu(v + i + k * F);
       FVec xv = amsgrad ? FVec::loadu(vmax + i + k * F) : FVec(0.0f);
-      adam_element(pv[k], gv[k], mv, vv, xv, cv);
+      adam_element(pv[k], prescale_grad(gv[k], prev), mv, vv, xv, cv);
       mv.store(m + i + k * F);
       vv.store(v + i + k * F);
       if (amsgrad) xv.store(vmax + i + k * F);
     }
-    IO::store(p + i, pv);
+    param.store(i, pv);
   }
   float scratch = 0.0f;
   for (; i < end; ++i) {
-    float pf = static_cast<float>(p[i]);
+    float pf = param.load_one(i);
     float& xf = amsgrad ? vmax[i] : scratch;
-    adam_element(pf, static_cast<float>(g[i]), m[i], v[i], xf, c);
-    p[i] = static_cast<scalar_t>(pf);
+    adam_element(pf, prescale_grad(static_cast<float>(g[i]), pre), m[i], v[i], xf, c);
+    param.store_one(i, pf);
   }
 }
 
 template <typename scalar_t>
-void sgd_range(const TensorSlot& t, const SgdCoeffs<float>& c, int64_t begin, int64_t end) {
+void sgd_range(const TensorSlot& t, const SgdCoeffs<float>& c, const GradPrescale<float>& pre, int64_t begin,
+               int64_t end) {
   using IO = ParamIO<scalar_t>;
   constexpr int64_t V = IO::kVectors;
   constexpr int64_t F = FVec::size();
-  auto* p = static_cast<scalar_t*>(t.param);
+  const ParamAccess<scalar_t> param(t);
   const auto* g = static_cast<const scalar_t*>(t.grad);
   float* buf = t.state0;
   const bool has_buf = c.has_momentum;
   const SgdCoeffs<FVec> cv = broadcast(c);
+  const GradPrescale<FVec> prev = broadcast(pre);
   int64_t i = begin;
   for (; i + IO::kLanes <= end; i += IO::kLanes) {
     FVec pv[V], gv[V];
-    IO::load(p + i, pv);
+    param.load(i, pv);
     IO::load(g + i, gv);
     for (int64_t k = 0; k < V; ++k) {
       FVec bv = has_buf ? FVec::loadu(buf + i + k * F) : FVec(0.0f);
-      sgd_element(pv[k], gv[k], bv, t.fresh, cv);
+      sgd_element(pv[k], prescale_grad(gv[k], prev), bv, t.fresh, cv);
       if (has_buf) bv.store(buf + i + k * F);
     }
-    IO::store(p + i, pv);
+    param.store(i, pv);
   }
   float scratch = 0.0f;
   for (; i < end; ++i) {
-    float pf = static_cast<float>(p[i]);
+    float pf = param.load_one(i);
     float& bf = has_buf ? buf[i] : scratch;
-    sgd_element(pf, static_cast<float>(g[i]), bf, t.fresh, c);
-    p[i] = static_cast<scalar_t>(pf);
+    sgd_element(pf, prescale_grad(static_cast<float>(g[i]), pre), bf, t.fresh, c);
+    param.store_one(i, pf);
   }
 }
 
@@ -158,8 +226,9 @@ inline void dispatch_param_type(ParamType type, Fn&& fn) {
 // elements. A tensor's chunks are consecutive, so its scalars (Adam: two pow() calls) are computed once per
 // tensor, not once per chunk.
 template <typename MakeCoeffs, typename Range>
-inline void for_each_chunk(const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last,
-                           MakeCoeffs&& coeffs, Range&& range) {
+inline void for_each_chunk(const TensorSlot* slots, const Chunk* chunks, const StepExtras& extras, int64_t first,
+                           int64_t last, MakeCoeffs&& coeffs, Range&& range) {
+  const GradPrescale<float> pre = prescale_of(extras);
   int64_t current = -1;
   decltype(coeffs(slots[0])) c{};
   for (int64_t k = first; k < last; ++k) {
@@ -168,24 +237,26 @@ inline void for_each_chunk(const TensorSlot* slots, const Chunk* chunks, int64_t
       current = ch.tensor;
       c = coeffs(slots[current]);
     }
-    range(slots[ch.tensor], c, ch.begin, ch.end);
+    range(slots[ch.tensor], c, pre, ch.begin, ch.end);
   }
 }
 
-inline void adam_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
+inline void adam_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, const StepExtras& extras,
+                        int64_t first, int64_t last) {
   if (first >= last) return;
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
-    for_each_chunk(slots, chunks, first, last, [](const TensorSlot& t) { return adam_coeffs(t.hyper, t.step); },
+    for_each_chunk(slots, chunks, extras, first, last, [](const TensorSlot& t) { return adam_coeffs(t.hyper, t.step); },
                    adam_range<scalar_t>);
   });
 }
 
-inline void sgd_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, int64_t first, int64_t last) {
+inline void sgd_chunks(ParamType type, const TensorSlot* slots, const Chunk* chunks, const StepExtras& extras,
+                       int64_t first, int64_t last) {
   if (first >= last) return;
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
-    for_each_chunk(slots, chunks, first, last, [](const TensorSlot& t) { return sgd_coeffs(t.hyper); },
+    for_each_chunk(slots, chunks, extras, first, last, [](const TensorSlot& t) { return sgd_coeffs(t.hyper); },
                    sgd_range<scalar_t>);
   });
 }

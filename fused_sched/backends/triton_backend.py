@@ -69,28 +69,69 @@ class TritonBucketRunner:
         self.uploads = 0  # how many times the address table was copied to the device (tests read it)
 
     def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
-            schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None) -> None:
+            schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
+            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+            clip_coef: torch.Tensor | None = None, step_advance: torch.Tensor | None = None,
+            sr_seed: int = 0) -> None:
+        """One step of the bucket (arguments: triton_kernels.launch_adam / launch_sgd)."""
+        self.sync_tables(native_bucket, fresh)
+        self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
+                    schedule=schedule, schedule_step=schedule_step, grad_scale=grad_scale, found_inf=found_inf,
+                    clip_coef=clip_coef, step_advance=step_advance, sr_seed=sr_seed, BLOCK=self.config["BLOCK"],
+                    CHUNK=self.config["CHUNK"])
+        native_bucket.release_grads()
+
+    def sync_tables(self, native_bucket, fresh: list[int] | None = None) -> None:
+        """Uploads the address table if the last refresh_grads() changed it (or `fresh` flags are to be set)."""
         # refresh_grads() (called by the plan check just before) rewrote the bucket's host table and noted
         # whether any address changed: that is the whole per-step check.
         changed = native_bucket.table_changed() or self.table is None
         if fresh is not None and any(fresh):
-            native_bucket.address_table()[:, 5] = torch.tensor(fresh, dtype=torch.int64)
+            native_bucket.address_table()[:, kernels.COL_STEP] = torch.tensor(fresh, dtype=torch.int64)
             changed = True
         if changed:
             self._rebuild(native_bucket.address_table())
-        self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
-                    schedule=schedule, schedule_step=schedule_step, BLOCK=self.config["BLOCK"],
-                    CHUNK=self.config["CHUNK"])
-        native_bucket.release_grads()
 
     def _rebuild(self, host: torch.Tensor) -> None:
-        numels = host[:, 6]
+        numels = host[:, kernels.COL_NUMEL]
         if self.numels is None or not torch.equal(numels, self.numels):
             self.config, chunks = _launch_config(self.device, numels.tolist())
             self.chunks = _to_device(chunks, self.device)
             self.numels = numels.clone()
         self.table = _to_device(host, self.device)
         self.uploads += 1
+
+
+class _NormWorkspace:
+    """Per device: the partials of a fused clip's norm pass and the counter of its finalizing launch."""
+
+    def __init__(self, device: torch.device, slots: int):
+        self.partials = torch.empty(slots, dtype=torch.float64, device=device)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+
+
+_norm_workspaces: dict = {}
+
+
+def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """The norm pass of a fused clip over Triton buckets (pairs of native bucket and runner, one device): one
+    launch per bucket, the last one finalizing. Returns float32 [total_norm, clip_coef] on the device."""
+    for native, runner in buckets:
+        runner.sync_tables(native)
+    device = buckets[0][1].device
+    slots = sum(max(1, min(r.config["num_programs"], r.chunks.shape[0])) for _, r in buckets)
+    workspace = _norm_workspaces.get(device)
+    if workspace is None or workspace.partials.numel() < slots:
+        workspace = _norm_workspaces[device] = _NormWorkspace(device, slots)
+    out = torch.empty(2, dtype=torch.float32, device=device)
+    offset = 0
+    for k, (_, runner) in enumerate(buckets):
+        offset += kernels.launch_grad_norm(
+            runner.table, runner.chunks, workspace.partials, offset, workspace.counter, out, runner.dtype,
+            runner.config["num_programs"], norm_type, max_norm, finalize=k == len(buckets) - 1,
+            grad_scale=grad_scale, BLOCK=runner.config["BLOCK"], CHUNK=runner.config["CHUNK"],
+        )
+    return out
 
 
 def _address_table(params, grads, states, steps, group_index) -> torch.Tensor:
@@ -102,15 +143,15 @@ def _address_table(params, grads, states, steps, group_index) -> torch.Tensor:
         state_addrs = [addr(column[i]) if column else 0 for column in states]
         state_addrs += [0] * (3 - len(state_addrs))
         step = steps[i] if isinstance(steps[i], int) else addr(steps[i])  # SGD passes its fresh flags here
-        rows.append([addr(p), addr(grads[i]), *state_addrs, step, p.numel(), group_index[i]])
-    return torch.tensor(rows, dtype=torch.int64).reshape(len(params), 8)
+        rows.append([addr(p), addr(grads[i]), *state_addrs, step, p.numel(), group_index[i], 0, i])
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(params), kernels.TABLE_COLUMNS)
 
 
 def _launch_from_lists(launch, params, table_host, hyper):
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    config, chunks = _launch_config(device, table_host[:, 6].tolist())
+    config, chunks = _launch_config(device, table_host[:, kernels.COL_NUMEL].tolist())
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     launch(_to_device(table_host, device), _to_device(chunks, device), hyper, counter, dtype,
            config["num_programs"], BLOCK=config["BLOCK"], CHUNK=config["CHUNK"])

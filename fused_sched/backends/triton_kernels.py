@@ -2,12 +2,15 @@
 
 Design
 ------
-* Address table (``OptimBucket.address_table``): int64 ``[n, 8]``, one row per tensor: (param, grad, state0,
-  state1, state2, step) addresses, numel, param-group index. The kernels turn the addresses into typed pointers
+* Address table (``OptimBucket.address_table``): int64 ``[n, TABLE_COLUMNS]``, one row per tensor: (param, grad,
+  state0, state1, state2, step) addresses, numel, param-group index, master-copy address, param id (optim_math.h
+  ``TableColumn``). The kernels turn the addresses into typed pointers
   (the pattern of Triton's grouped-GEMM tutorial), so one launch reaches tensors that share no storage. Adam:
   state0 = exp_avg, state1 = exp_avg_sq, state2 = max_exp_avg_sq (0 unless amsgrad), step = a float32
   one-element tensor. SGD: state0 = momentum_buffer (0 without momentum); column 5 is no address but the "fresh
-  buffer" flag (1 on the step that creates the buffer, which torch fills with the gradient).
+  buffer" flag (1 on the step that creates the buffer, which torch fills with the gradient). A nonzero master
+  address (master_weights) makes the kernel read and write the float32 copy and write the parameter rounded from
+  it; the param id keys stochastic rounding's random bits.
 * Chunk map (``build_chunks``): int64 ``[n_chunks, 2]`` of (row, start); a chunk covers elements
   ``[start, min(start + CHUNK, numel))`` of one tensor. Chunks, not tensors, are the unit of work, so a bucket of
   one huge and many tiny tensors still spreads evenly over the programs.
@@ -26,6 +29,15 @@ Design
   from ``counter`` (int32, zero before the launch) once its chunks are done; the program holding the last ticket
   increments every step (Adam) or clears every fresh flag (SGD), then zeroes ``counter`` so that the next launch
   (or CUDA-graph replay) starts clean.
+
+* Large-model inputs (optional pointers, compiled in by constexpr flags): GradScaler's ``grad_scale`` (gradients
+  are divided by it) and ``found_inf`` (when set, no program touches anything and the steps do not advance), a
+  fused clip's ``clip_coef`` (gradients are multiplied by it), and ``step_advance`` (float64, written by the last
+  program: 0 when found_inf skipped the step, else 1) which device schedulers add to their counters.
+* Norm pass (``grad_norm_kernel``): every program accumulates |g|^p (or max |g|) of its chunks in float64 into its
+  slot of a partials buffer; the launch marked FINALIZE has its last program combine every slot in order
+  (deterministic), and write the total norm and torch's clip coefficient (optim_math.h ``total_norm_from``,
+  ``clip_coefficient``).
 
 Numerics mirror csrc/include/fused_sched/optim_math.h operation by operation, so results agree with the C++
 backends (and torch.optim) to the last bit or so:
@@ -67,6 +79,15 @@ _AMSGRAD = tl.constexpr(1)
 _MAXIMIZE = tl.constexpr(2)
 _NESTEROV = tl.constexpr(4)
 _DECOUPLED_WEIGHT_DECAY = tl.constexpr(8)
+_STOCHASTIC_ROUNDING = tl.constexpr(16)
+
+# Address table layout (optim_math.h TableColumn).
+TABLE_COLUMNS = 10
+COL_STEP, COL_NUMEL, COL_MASTER, COL_PARAM_ID = 5, 6, 8, 9
+_W = tl.constexpr(TABLE_COLUMNS)
+
+# Norm kinds of the norm pass (grad_norm_kernel's NORM constexpr).
+NORM_TWO, NORM_ONE, NORM_INF, NORM_P = 0, 1, 2, 3
 
 
 def build_chunks(numels: list[int], chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -121,29 +142,105 @@ def _to_param_dtype(x, PARAM_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, IS_ADAM: tl.constexpr, ROW_BLOCK: tl.constexpr):
-    """Run by the program holding the last ticket, after every program has finished its chunks."""
-    for r0 in range(0, n_rows, ROW_BLOCK):
-        rows = r0 + tl.arange(0, ROW_BLOCK)
-        in_range = rows < n_rows
-        if IS_ADAM:
-            steps = tl.load(table_ptr + rows * 8 + 5, mask=in_range, other=0).to(tl.pointer_type(tl.float32))
-            # torch keeps the step in float32 and adds 1 in float32.
-            tl.store(steps, tl.load(steps, mask=in_range) + 1.0, mask=in_range)
-        else:
-            tl.store(table_ptr + rows * 8 + 5, tl.zeros([ROW_BLOCK], dtype=tl.int64), mask=in_range)
+def _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, stochastic, key, PARAM_DTYPE: tl.constexpr):
+    """Writes the updated float32 values: into the master copy where there is one, and into the parameter
+    (rounded to nearest even, or stochastically for a bfloat16 parameter that asks for it)."""
+    tl.store(master_ptr + offs, p, mask=master_mask)
+    if PARAM_DTYPE == tl.bfloat16:
+        nearest = _to_param_dtype(p, PARAM_DTYPE)
+        rounded = tl.where(stochastic, _to_bf16_stochastic(p, key, offs.to(tl.int64)), nearest)
+        tl.store(param_ptr + offs, rounded, mask=mask)
+    else:
+        tl.store(param_ptr + offs, _to_param_dtype(p, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, skipped, IS_ADAM: tl.constexpr,
+                             ROW_BLOCK: tl.constexpr):
+    """Run by the program holding the last ticket, after every program has finished its chunks. A step that
+    found_inf skipped advances nothing and keeps the fresh flags."""
+    if not skipped:
+        for r0 in range(0, n_rows, ROW_BLOCK):
+            rows = r0 + tl.arange(0, ROW_BLOCK)
+            in_range = rows < n_rows
+            if IS_ADAM:
+                steps = tl.load(table_ptr + rows * _W + 5, mask=in_range, other=0).to(tl.pointer_type(tl.float32))
+                # torch keeps the step in float32 and adds 1 in float32.
+                tl.store(steps, tl.load(steps, mask=in_range) + 1.0, mask=in_range)
+            else:
+                tl.store(table_ptr + rows * _W + 5, tl.zeros([ROW_BLOCK], dtype=tl.int64), mask=in_range)
     tl.store(counter_ptr, 0)
 
 
 @triton.jit
-def _finish(table_ptr, counter_ptr, n_rows, IS_ADAM: tl.constexpr, ROW_BLOCK: tl.constexpr):
-    """Takes this program's ticket; the last program advances the steps (or clears the fresh flags)."""
+def _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, IS_ADAM: tl.constexpr,
+            ROW_BLOCK: tl.constexpr):
+    """Takes this program's ticket; the last program advances the steps (or clears the fresh flags) and records
+    in step_advance whether the step ran."""
     # The ticket is taken by one thread: the barrier makes every thread's reads of steps / flags precede it.
     tl.debug_barrier()
     # acq_rel: the other programs' reads happen before the last program's writes.
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
-        _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, IS_ADAM, ROW_BLOCK)
+        _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, skipped, IS_ADAM, ROW_BLOCK)
+        tl.store(step_advance_ptr, tl.where(skipped, 0.0, 1.0).to(tl.float64))
+
+
+@triton.jit
+def _mix32(x):
+    """optim_math.h mix32 (lowbias32) on uint32 values."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _rounding_key(seed_lo, seed_hi, step, param_id):
+    """optim_math.h rounding_key: the per-tensor key of one step (uint32 scalars in, uint32 out)."""
+    k = _mix32(seed_lo ^ _mix32(seed_hi))
+    k = _mix32(k ^ step)
+    return _mix32(k ^ param_id)
+
+
+@triton.jit
+def _to_bf16_stochastic(x, key, offs):
+    """optim_math.h bf16_bits_stochastic with rounding_bits(key, offs): unbiased stochastic rounding."""
+    hi = (offs >> 32).to(tl.uint32)
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    random16 = _mix32(_mix32(key ^ hi) ^ lo) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = tl.where(is_nan, (bits >> 16) | 0x40, (bits + random16) >> 16)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _prescale(g, grad_scale, clip_coef, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """optim_math.h prescale_grad: divide by GradScaler's scale, multiply by a fused clip's coefficient."""
+    if HAS_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if HAS_CLIP:
+        g = g * clip_coef
+    return g
+
+
+@triton.jit
+def _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                 HAS_CLIP: tl.constexpr):
+    """(grad_scale, clip_coef, skipped) of this launch."""
+    grad_scale = 1.0
+    clip_coef = 1.0
+    skipped = False
+    if HAS_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    if HAS_CLIP:
+        clip_coef = tl.load(clip_coef_ptr)
+    if HAS_FOUND_INF:
+        skipped = tl.load(found_inf_ptr) != 0.0
+    return grad_scale, clip_coef, skipped
 
 
 @triton.jit
@@ -158,13 +255,17 @@ def _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group):
 
 @triton.jit
 def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, schedule_ptr, segments,
-                schedule_step_ptr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr):
+                schedule_step_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, step_advance_ptr, seed_lo, seed_hi,
+                PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr):
     """Adam / AdamW over every chunk of the bucket; see the module docstring for the tables."""
-    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+    grad_scale, clip_coef, skipped = _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE,
+                                                  HAS_FOUND_INF, HAS_CLIP)
+    for c in range(tl.program_id(0), tl.where(skipped, 0, n_chunks), tl.num_programs(0)):
         row = tl.load(chunks_ptr + 2 * c)
         start = tl.load(chunks_ptr + 2 * c + 1)
-        entry = table_ptr + row * 8
+        entry = table_ptr + row * _W
         param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
         exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
@@ -173,6 +274,9 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         step_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
         numel = tl.load(entry + 6)
         group = tl.load(entry + 7)
+        master_address = tl.load(entry + 8)
+        master_ptr = master_address.to(tl.pointer_type(tl.float32))
+        has_master = master_address != 0
         h = hyper_ptr + group * 8
 
         # adam_coeffs: float64 scalars, rounded to float32 once.
@@ -202,17 +306,25 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         decoupled = (flags & _DECOUPLED_WEIGHT_DECAY) != 0
         # Adam's L2 term; kNoWeightDecay: torch skips the add when weight_decay == 0.
         l2 = ((flags & _DECOUPLED_WEIGHT_DECAY) == 0) & (wd != 0.0)
+        stochastic = ((flags & _STOCHASTIC_ROUNDING) != 0) & (master_address == 0)
+        key = _rounding_key(seed_lo, seed_hi, (tl.load(step_ptr) + 1.0).to(tl.uint32),
+                            tl.load(entry + 9).to(tl.uint32))
 
         end = tl.minimum(start + CHUNK, numel)
         # Flags gate the optional states through the end of their masks: (mask & scalar flag) is mistyped by
         # the Triton interpreter.
         vmax_end = tl.where(amsgrad, end, start)
+        master_end = tl.where(has_master, end, start)
+        param_load_end = tl.where(has_master, start, end)
         for off in range(start, end, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             mask = offs < end
             vmax_mask = offs < vmax_end
-            p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
-            g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+            master_mask = offs < master_end
+            p = tl.load(param_ptr + offs, mask=offs < param_load_end).to(tl.float32)
+            p = tl.where(master_mask, tl.load(master_ptr + offs, mask=master_mask), p)
+            g = _prescale(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), grad_scale, clip_coef, HAS_SCALE,
+                          HAS_CLIP)
             m = tl.load(exp_avg_ptr + offs, mask=mask)
             v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
             vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask)
@@ -229,23 +341,27 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
             denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
             p = p + tl.div_rn(neg_step_size * m, denom)
 
-            tl.store(param_ptr + offs, _to_param_dtype(p, PARAM_DTYPE), mask=mask)
+            _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, stochastic, key, PARAM_DTYPE)
             tl.store(exp_avg_ptr + offs, m, mask=mask)
             tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
             tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=vmax_mask)
 
-    _finish(table_ptr, counter_ptr, n_rows, True, ROW_BLOCK)
+    _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, True, ROW_BLOCK)
 
 
 @triton.jit
 def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, schedule_ptr, segments,
-               schedule_step_ptr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-               ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr):
+               schedule_step_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, step_advance_ptr, seed_lo, seed_hi,
+               PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+               ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr):
     """SGD (momentum, dampening, Nesterov) over every chunk of the bucket; see the module docstring."""
-    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+    grad_scale, clip_coef, skipped = _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE,
+                                                  HAS_FOUND_INF, HAS_CLIP)
+    for c in range(tl.program_id(0), tl.where(skipped, 0, n_chunks), tl.num_programs(0)):
         row = tl.load(chunks_ptr + 2 * c)
         start = tl.load(chunks_ptr + 2 * c + 1)
-        entry = table_ptr + row * 8
+        entry = table_ptr + row * _W
         param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
         buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
@@ -253,6 +369,9 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         fresh = fresh_flag != 0
         numel = tl.load(entry + 6)
         group = tl.load(entry + 7)
+        master_address = tl.load(entry + 8)
+        master_ptr = master_address.to(tl.pointer_type(tl.float32))
+        has_master = master_address != 0
         h = hyper_ptr + group * 8
 
         # sgd_coeffs
@@ -275,11 +394,16 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         # The buffer is read unless it is fresh, written whenever there is momentum (mask ends as in adam_kernel).
         buf_read_end = tl.where(has_momentum & (fresh_flag == 0), end, start)
         buf_write_end = tl.where(has_momentum, end, start)
+        master_end = tl.where(has_master, end, start)
+        param_load_end = tl.where(has_master, start, end)
         for off in range(start, end, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             mask = offs < end
-            p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
-            g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+            master_mask = offs < master_end
+            p = tl.load(param_ptr + offs, mask=offs < param_load_end).to(tl.float32)
+            p = tl.where(master_mask, tl.load(master_ptr + offs, mask=master_mask), p)
+            g = _prescale(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), grad_scale, clip_coef, HAS_SCALE,
+                          HAS_CLIP)
             buf = tl.load(buf_ptr + offs, mask=offs < buf_read_end)
 
             # sgd_element, operation for operation.
@@ -289,10 +413,11 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
             g = tl.where(has_momentum, tl.where(nesterov, tl.fma(buf, momentum_f, g), buf), g)
             p = tl.fma(g, neg_lr, p)  # param.add_(grad, alpha=-lr)
 
-            tl.store(param_ptr + offs, _to_param_dtype(p, PARAM_DTYPE), mask=mask)
+            _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, False, tl.full([], 0, tl.uint32),
+                         PARAM_DTYPE)
             tl.store(buf_ptr + offs, buf, mask=offs < buf_write_end)
 
-    _finish(table_ptr, counter_ptr, n_rows, False, ROW_BLOCK)
+    _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, False, ROW_BLOCK)
 
 
 def _check_schedule(schedule, schedule_step, hyper):
@@ -311,23 +436,38 @@ def _check_schedule(schedule, schedule_step, hyper):
         raise ValueError(f"schedule_step must be a one-element float64 tensor on {hyper.device}")
 
 
+def _check_step_scalar(t, name, dtype, device):
+    if t is not None and (t.dtype != dtype or t.numel() != 1 or t.device != device):
+        raise ValueError(f"{name} must be a one-element {dtype} tensor on {device}, got {t.dtype} "
+                         f"{list(t.shape)} on {t.device}")
+
+
 def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK, CHUNK,
-            num_warps):
+            num_warps, grad_scale=None, found_inf=None, clip_coef=None, step_advance=None, sr_seed=0):
     if param_dtype not in _TL_DTYPES:
         raise ValueError(f"parameters must be float32, bfloat16 or float16, got {param_dtype}")
     if BLOCK <= 0 or BLOCK & (BLOCK - 1) or CHUNK % BLOCK:
         raise ValueError(f"BLOCK must be a power of two dividing CHUNK, got BLOCK={BLOCK}, CHUNK={CHUNK}")
+    if table.dim() != 2 or table.shape[1] != TABLE_COLUMNS:
+        raise ValueError(f"the address table must be int64 [n, {TABLE_COLUMNS}], got {list(table.shape)}")
     _check_schedule(schedule, schedule_step, hyper)
+    for t, name in ((grad_scale, "grad_scale"), (found_inf, "found_inf"), (clip_coef, "clip_coef")):
+        _check_step_scalar(t, name, torch.float32, hyper.device)
+    _check_step_scalar(step_advance, "step_advance", torch.float64, hyper.device)
     n_rows, n_chunks = table.shape[0], chunks.shape[0]
     if n_rows == 0:
         return
+    if step_advance is None:
+        step_advance = torch.empty(1, dtype=torch.float64, device=hyper.device)
     # At least one program even without chunks (a bucket of empty tensors): the steps must still advance.
     grid = (max(1, min(num_programs, n_chunks)),)
     kernel[grid](
         table, chunks, hyper, counter, n_rows, n_chunks,
         schedule, 0 if schedule is None else schedule.shape[1], schedule_step,
+        grad_scale, found_inf, clip_coef, step_advance, sr_seed & 0xFFFFFFFF, (sr_seed >> 32) & 0xFFFFFFFF,
         PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, ROW_BLOCK=_ROW_BLOCK,
-        HAS_SCHEDULE=schedule is not None,
+        HAS_SCHEDULE=schedule is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        HAS_CLIP=clip_coef is not None,
         num_warps=num_warps,
         # optim_math.h rounds a multiply-add once only where it says so (the tl.fma calls); no other may fuse.
         enable_fp_fusion=False,
@@ -336,28 +476,142 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
 
 def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
                 param_dtype: torch.dtype, num_programs: int, *, schedule: torch.Tensor | None = None,
-                schedule_step: torch.Tensor | None = None, BLOCK: int = DEFAULT_BLOCK,
+                schedule_step: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+                found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
+                step_advance: torch.Tensor | None = None, sr_seed: int = 0, BLOCK: int = DEFAULT_BLOCK,
                 CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """One Adam/AdamW step of a bucket, steps included, in one launch.
 
-    table: int64 [n, 8] address table; chunks: int64 [n_chunks, 2] from ``build_chunks(numels, CHUNK)``; hyper:
-    float64 [groups, 8]; counter: int32 [1], zero before the first launch (each launch leaves it zero). All on the
-    parameters' device. num_programs: persistent programs to run (e.g. min(n_chunks, 4 * SMs)).
+    table: int64 [n, TABLE_COLUMNS] address table; chunks: int64 [n_chunks, 2] from ``build_chunks(numels,
+    CHUNK)``; hyper: float64 [groups, 8]; counter: int32 [1], zero before the first launch (each launch leaves it
+    zero). All on the parameters' device. num_programs: persistent programs to run (e.g. min(n_chunks, 4 * SMs)).
     schedule (optional): float64 [groups, segments, 16] schedule programs (schedule_math.h), contiguous, with
     schedule_step: float64 [1], the scheduler's step; the lr and beta1 a group's program sets at that step replace
-    the table's.
+    the table's. grad_scale / found_inf / clip_coef (optional float32 [1]) and step_advance (optional float64 [1],
+    written): see the module docstring; sr_seed: the seed of stochastic rounding.
     """
     _launch(adam_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
-            CHUNK, num_warps)
+            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, sr_seed)
 
 
 def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
                param_dtype: torch.dtype, num_programs: int, *, schedule: torch.Tensor | None = None,
-               schedule_step: torch.Tensor | None = None, BLOCK: int = DEFAULT_BLOCK,
+               schedule_step: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+               found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
+               step_advance: torch.Tensor | None = None, sr_seed: int = 0, BLOCK: int = DEFAULT_BLOCK,
                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
-    """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards.
+    """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards
+    (unless found_inf skipped the step).
 
-    Arguments as for ``launch_adam``; a schedule sets lr and momentum.
+    Arguments as for ``launch_adam``; a schedule sets lr and momentum; SGD never rounds stochastically.
     """
     _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
-            CHUNK, num_warps)
+            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, 0)
+
+
+@triton.jit
+def _norm_terms(a, norm_type, NORM: tl.constexpr):
+    """|g|^p of float32 magnitudes `a`, as float64 (NORM_P raises in float64)."""
+    if NORM == 0:
+        return (a * a).to(tl.float64)
+    elif NORM == 1:
+        return a.to(tl.float64)
+    else:
+        return tl.exp2(tl.log2(a.to(tl.float64)) * norm_type)
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.where((a != a) | (a > b), a, b)
+
+
+@triton.jit
+def grad_norm_kernel(table_ptr, chunks_ptr, partials_ptr, slot_offset, n_slots, counter_ptr, out_ptr,
+                     grad_scale_ptr, n_chunks, norm_type, max_norm, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                     CHUNK: tl.constexpr, NORM: tl.constexpr, HAS_SCALE: tl.constexpr, FINALIZE: tl.constexpr,
+                     SLOT_BLOCK: tl.constexpr):
+    """The norm pass of a fused clip over one bucket; see the module docstring."""
+    grad_scale = 1.0
+    if HAS_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        row = tl.load(chunks_ptr + 2 * c)
+        start = tl.load(chunks_ptr + 2 * c + 1)
+        entry = table_ptr + row * _W
+        grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+        end = tl.minimum(start + CHUNK, tl.load(entry + 6))
+        for off in range(start, end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            g = tl.load(grad_ptr + offs, mask=offs < end, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = tl.div_rn(g, grad_scale)
+            a = tl.abs(g)
+            if NORM == 2:
+                acc = _nan_max(acc, a.to(tl.float64))
+            else:
+                acc = acc + _norm_terms(a, norm_type, NORM)
+    if NORM == 2:
+        partial = tl.reduce(acc, 0, _nan_max)
+    else:
+        partial = tl.sum(acc, 0)
+    tl.store(partials_ptr + slot_offset + tl.program_id(0), partial)
+    if FINALIZE:
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            total = tl.zeros([SLOT_BLOCK], dtype=tl.float64)
+            for s0 in range(0, n_slots, SLOT_BLOCK):
+                slots = s0 + tl.arange(0, SLOT_BLOCK)
+                value = tl.load(partials_ptr + slots, mask=slots < n_slots, other=0.0)
+                if NORM == 2:
+                    total = _nan_max(total, value)
+                else:
+                    total = total + value
+            if NORM == 2:
+                accumulated = tl.reduce(total, 0, _nan_max)
+                norm = accumulated.to(tl.float32)
+            else:
+                accumulated = tl.sum(total, 0)
+                if NORM == 0:
+                    norm = tl.sqrt(accumulated).to(tl.float32)  # float64 sqrt is correctly rounded
+                elif NORM == 1:
+                    norm = accumulated.to(tl.float32)
+                else:
+                    norm = tl.exp2(tl.log2(accumulated) / norm_type).to(tl.float32)
+            # optim_math.h clip_coefficient: reciprocal(total + 1e-6) * max_norm, clamp(max=1) keeping NaN.
+            coef = tl.div_rn(1.0, norm + 1e-6) * max_norm.to(tl.float32)
+            coef = tl.where(coef > 1.0, 1.0, coef)
+            tl.store(out_ptr, norm)
+            tl.store(out_ptr + 1, coef)
+            tl.store(counter_ptr, 0)
+
+
+def norm_kind(norm_type: float) -> int:
+    if norm_type == float("inf"):
+        return NORM_INF
+    if norm_type == 2.0:
+        return NORM_TWO
+    if norm_type == 1.0:
+        return NORM_ONE
+    return NORM_P
+
+
+def launch_grad_norm(table: torch.Tensor, chunks: torch.Tensor, partials: torch.Tensor, slot_offset: int,
+                     counter: torch.Tensor, out: torch.Tensor, grad_dtype: torch.dtype, num_programs: int,
+                     norm_type: float, max_norm: float, finalize: bool, *, grad_scale: torch.Tensor | None = None,
+                     BLOCK: int = DEFAULT_BLOCK, CHUNK: int = DEFAULT_CHUNK,
+                     num_warps: int = DEFAULT_NUM_WARPS) -> int:
+    """The norm pass of one bucket: writes its programs' partial norms at ``partials[slot_offset:]`` and returns
+    how many slots it used. The launch with ``finalize`` (the last bucket's) combines ``partials[:slot_offset +
+    used]`` and writes ``out`` = float32 [total_norm, clip_coef]; counter: int32 [1], zero, left zero."""
+    grid = max(1, min(num_programs, chunks.shape[0]))
+    if slot_offset + grid > partials.numel():
+        raise ValueError(f"partials holds {partials.numel()} slots, {slot_offset + grid} needed")
+    grad_norm_kernel[(grid,)](
+        table, chunks, partials, slot_offset, slot_offset + grid, counter, out, grad_scale, chunks.shape[0],
+        float(norm_type), float(max_norm), PARAM_DTYPE=_TL_DTYPES[grad_dtype], BLOCK=BLOCK, CHUNK=CHUNK,
+        NORM=norm_kind(norm_type), HAS_SCALE=grad_scale is not None, FINALIZE=finalize, SLOT_BLOCK=256,
+        num_warps=num_warps, enable_fp_fusion=False,
+    )
+    return grid

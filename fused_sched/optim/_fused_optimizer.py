@@ -12,6 +12,24 @@ A step runs in three parts:
 3. One backend call per bucket.
 
 A rejected step raises before anything is written: parameters and state are untouched.
+
+Large-model options (every backend):
+
+* ``master_weights`` (param-group option): a bfloat16 / float16 parameter gets a float32 copy in its state
+  (``master_param``, saved and loaded by state_dict); the update reads and writes the copy and writes the
+  parameter, rounded to nearest even, in the same pass. A value written into such a parameter by hand is
+  overwritten by its master copy at the next step.
+* ``stochastic_rounding`` (Adam / AdamW param-group option): a bfloat16 parameter without a master copy is written
+  with stochastic rounding, unbiased, from random bits that depend only on (``rounding_seed``, step, the param's
+  index in the optimizer, element index).
+* AMP: ``_step_supports_amp_scaling``: ``torch.amp.GradScaler.step`` hands the optimizer its ``grad_scale`` and
+  ``found_inf`` tensors, which the kernels read on the device: gradients are divided by the scale, and when
+  ``found_inf`` is set the whole step is skipped on the device (parameters, states and steps unchanged). A device
+  scheduler bound to the optimizer then does not advance at its next ``step()`` either (the transformers Trainer
+  skips the scheduler step on overflow; with fused_sched the decision needs no sync).
+* Fused clipping: ``max_grad_norm`` (optimizer option) or ``clip_grad_norm_()`` (folded into the next step): one
+  multi-tensor norm pass, whose last program computes torch.nn.utils.clip_grad_norm_'s coefficient on the device,
+  then the update pass multiplies every gradient by it.
 """
 
 from __future__ import annotations
@@ -56,8 +74,16 @@ class _Plan:
         return all(b.native.refresh_grads() == "" for b in self.buckets)
 
 
+#: State key of a parameter's float32 master copy (master_weights).
+MASTER_KEY = "master_param"
+
+
 class FusedOptimizer(Optimizer):
     """Base class: subclasses define the state keys, the validation, the hyper row and the backend call."""
+
+    # torch.amp.GradScaler.step hands grad_scale / found_inf to the optimizer instead of unscaling the gradients
+    # and checking them on the host (which would synchronize).
+    _step_supports_amp_scaling = True
 
     #: State tensors in kernel order, named as torch.optim names them.
     _state_keys: tuple[str, ...] = ()
@@ -66,15 +92,25 @@ class FusedOptimizer(Optimizer):
     #: Kernel family: "adam" or "sgd".
     _algorithm = ""
 
-    def __init__(self, params, defaults: dict, backend: str = "auto"):
+    def __init__(self, params, defaults: dict, backend: str = "auto", max_grad_norm: float | None = None,
+                 rounding_seed: int = 0):
         backends.check_name(backend)
+        _check_max_norm(max_grad_norm, "max_grad_norm", allow_none=True)
+        if not isinstance(rounding_seed, int) or isinstance(rounding_seed, bool) or not 0 <= rounding_seed < 2**63:
+            raise ValueError(f"rounding_seed must be an int in [0, 2**63), got {rounding_seed!r}")
         self._validate_group(defaults)
         load_extension()
         self.backend = backend
+        self.max_grad_norm = max_grad_norm
+        self.rounding_seed = rounding_seed
+        #: The total gradient norm of the last fused clip (a device tensor; None before the first one).
+        self.last_grad_norm = None
         self._plan = None
         self._rows = None
         self._hyper = {}
         self._schedule = None
+        self._pending_clip = None
+        self._advance = {}
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------------------------------------------
@@ -92,7 +128,8 @@ class FusedOptimizer(Optimizer):
         """The hyper column that a schedule's momentum target drives (Adam: beta1, SGD: momentum)."""
         raise NotImplementedError
 
-    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
+    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor, amp: dict) -> None:
+        """One backend call for `bucket`; amp: grad_scale, found_inf, clip_coef, step_advance (tensors or None)."""
         raise NotImplementedError
 
     # -- torch.optim.Optimizer API -------------------------------------------------------------------------
@@ -106,6 +143,11 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_schedule", None)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("rounding_seed", 0)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("_pending_clip", None)
+        self.__dict__.setdefault("_advance", {})
         self._invalidate()
 
     # -- device schedules (fused_sched._scheduler_base) ------------------------------------------------------
@@ -147,11 +189,14 @@ class FusedOptimizer(Optimizer):
         if len(saved_ids) == len(params):
             for saved_id, p in zip(saved_ids, params, strict=True):
                 for key, value in saved_state.get(saved_id, {}).items():
-                    if key in self._state_keys and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    if ((key in self._state_keys or key == MASTER_KEY) and isinstance(value, torch.Tensor)
+                            and value.shape != p.shape):
                         raise ValueError(
                             f"loaded state {key!r} of shape {tuple(value.shape)} does not match its parameter of "
                             f"shape {tuple(p.shape)}"
                         )
+        # A torch.optim state_dict lacks fused_sched's own group options: __setstate__ fills them in from the
+        # constructor's defaults.
         super().load_state_dict(state_dict)
         for saved_id, p in zip(saved_ids, params, strict=True):
             saved = saved_state.get(saved_id)
@@ -161,7 +206,7 @@ class FusedOptimizer(Optimizer):
             for key, value in saved.items():
                 if key == "step":
                     state["step"] = torch.tensor(float(value), dtype=torch.float32, device=p.device)
-                elif key in self._state_keys and isinstance(value, torch.Tensor):
+                elif (key in self._state_keys or key == MASTER_KEY) and isinstance(value, torch.Tensor):
                     fresh = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                     state[key] = fresh.copy_(value)
         self._invalidate()
@@ -181,15 +226,105 @@ class FusedOptimizer(Optimizer):
         plan = self._plan
         if plan is None or not plan.current():
             plan = self._plan = self._build_plan()
+        # Set by torch.amp.GradScaler.step for the duration of this call (_step_supports_amp_scaling).
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        clip, self._pending_clip = self._pending_clip, None
+        if clip is None and self.max_grad_norm is not None and plan.buckets:
+            self.last_grad_norm, clip = self._clip_pass(plan, self.max_grad_norm, 2.0, grad_scale)
         tables = {}
         for bucket in plan.buckets:
             table = tables.get(bucket.device)
             if table is None:
                 table = tables[bucket.device] = self._hyper_table(bucket.device, rows)
                 self._device_values(table)
-            self._run_bucket(bucket, table)
+            amp = {
+                "grad_scale": _on(grad_scale, bucket.device),
+                "found_inf": _on(found_inf, bucket.device),
+                "clip_coef": None if clip is None else clip[bucket.device],
+                "step_advance": self._step_advance(bucket.device),
+            }
+            self._run_bucket(bucket, table, amp)
         return loss
 
+    def _step_advance(self, device: torch.device) -> torch.Tensor:
+        """float64 [1] on `device`: 1 after a step that ran, 0 after one that GradScaler's found_inf skipped
+        (written by the kernels). A device scheduler adds it to its step counter."""
+        advance = self._advance.get(device)
+        if advance is None:
+            advance = self._advance[device] = torch.ones(1, dtype=torch.float64, device=device)
+        return advance
+
+    # -- fused gradient clipping ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over this optimizer's gradients, folded into the next ``step()``.
+
+        One multi-tensor pass computes the total norm of every gradient the next step would use (as if the
+        gradients were concatenated into one vector) and, on the device, the coefficient
+        ``min(max_norm / (total_norm + 1e-6), 1)``; the next ``step()`` multiplies the gradients by it inside the
+        update (the ``.grad`` tensors themselves are not modified). Non-finite norms behave as in torch: the
+        coefficient becomes NaN (or 0 for an infinite norm) and so do the updates, unless ``error_if_nonfinite``,
+        which raises a RuntimeError (and reads the norm on the host, which synchronizes).
+
+        Under torch.amp.GradScaler call ``scaler.unscale_(optimizer)`` first, as with torch's function; or use the
+        optimizer's ``max_grad_norm`` option, which clips inside ``step()`` after the scale is known.
+
+        Args:
+            max_norm (float): max norm of the gradients.
+            norm_type (float): type of the p-norm: positive, or ``inf`` (default: 2.0).
+            error_if_nonfinite (bool): raise when the total norm is NaN or infinite (default: False).
+            foreach: accepted for compatibility with torch's signature; the pass is always fused.
+
+        Returns:
+            The total norm (a 0-dim float32 tensor on the parameters' device).
+        """
+        _check_max_norm(max_norm, "max_norm", allow_none=False)
+        norm_type = float(norm_type)
+        if not (norm_type > 0.0):
+            raise ValueError(f"fused_sched clips with a positive or infinite norm_type, got {norm_type}")
+        self._current_rows()
+        plan = self._plan
+        if plan is None or not plan.current():
+            plan = self._plan = self._build_plan()
+        if not plan.buckets:
+            self._pending_clip = None
+            return torch.tensor(0.0)
+        total, clip = self._clip_pass(plan, float(max_norm), norm_type, None)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
+                "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+                "`error_if_nonfinite=False`"
+            )
+        self._pending_clip = clip
+        self.last_grad_norm = total
+        return total
+
+    def _clip_pass(self, plan: _Plan, max_norm: float, norm_type: float, grad_scale):
+        """The norm pass over every bucket: (total norm, {device: clip coefficient}), both on the device."""
+        devices = {b.device for b in plan.buckets}
+        if len(devices) != 1:
+            raise ValueError("fused gradient clipping needs every parameter with a gradient on one device; got "
+                             f"{sorted(map(str, devices))}")
+        (device,) = devices
+        scale = _on(grad_scale, device)
+        if all(b.runner is None for b in plan.buckets):
+            # C++ CPU buckets: the accumulations are host floats (CPU tensors: reading them costs no sync).
+            divide = 1.0 if scale is None else float(scale.reshape(()))
+            parts = [b.native.grad_norm_accumulate(norm_type, divide) for b in plan.buckets]
+            if norm_type == float("inf"):
+                accumulated = float("nan") if any(p != p for p in parts) else max(parts)
+            else:
+                accumulated = sum(parts)
+            total, coef = load_extension().clip_coefficients(accumulated, norm_type, max_norm)
+            out = torch.tensor([total, coef], dtype=torch.float32, device=device)
+        else:
+            from ..backends.triton_backend import grad_norm_pass
+
+            out = grad_norm_pass([(b.native, b.runner) for b in plan.buckets], norm_type, max_norm, scale)
+        return out[0], {device: out[1:2]}
     def _device_values(self, table: torch.Tensor) -> None:
         """Copy the learning rates held in accelerator tensors into `table` on the device: device-to-device,
         no sync, and captured by a CUDA graph like the kernel (torch's fused optimizers read a tensor lr the same
@@ -266,6 +401,7 @@ class FusedOptimizer(Optimizer):
 
     def _build_plan(self) -> _Plan:
         with_grad, without_grad = [], []
+        param_ids = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
         for index, group in enumerate(self.param_groups):
             needs = self._needed_states(group)
             for p in group["params"]:
@@ -275,8 +411,11 @@ class FusedOptimizer(Optimizer):
                     with_grad.append((index, needs, p))
         # Validate everything first: a rejected step must not leave half-created state behind.
         resolved = {}
-        for _, _, p in with_grad:
+        for index, _, p in with_grad:
             self._check_param(p)
+            if self.param_groups[index].get("stochastic_rounding") and p.dtype == torch.float16:
+                raise ValueError("stochastic_rounding rounds bfloat16 parameters; a float16 parameter needs "
+                                 "master_weights=True instead")
             if p.device not in resolved:
                 resolved[p.device] = backends.resolve(self.backend, p.device)
         for _, _, p in with_grad:
@@ -287,8 +426,9 @@ class FusedOptimizer(Optimizer):
                 p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
         by_key: dict = {}
         for index, needs, p in with_grad:
-            created = self._init_state(p, needs)
-            by_key.setdefault((p.device, p.dtype), []).append((index, p, created))
+            master = bool(self.param_groups[index].get("master_weights")) and p.dtype != torch.float32
+            created = self._init_state(p, needs, master)
+            by_key.setdefault((p.device, p.dtype), []).append((index, p, created, master))
         buckets = []
         native = load_extension()
         for (device, dtype), members in by_key.items():
@@ -303,7 +443,11 @@ class FusedOptimizer(Optimizer):
                 else:
                     states.append([])
             steps = [self.state[p]["step"] for p in bucket.params] if self._has_step else []
-            bucket.native = native.OptimBucket(bucket.params, states, steps, bucket.group_index)
+            masters = [self.state[m[1]][MASTER_KEY] if m[3] else None for m in members]
+            if not any(t is not None for t in masters):
+                masters = []
+            ids = [param_ids[id(p)] for p in bucket.params]
+            bucket.native = native.OptimBucket(bucket.params, states, steps, bucket.group_index, masters, ids)
             if bucket.backend == "triton":
                 from ..backends.triton_backend import TritonBucketRunner
 
@@ -316,7 +460,7 @@ class FusedOptimizer(Optimizer):
             buckets.append(bucket)
         return _Plan(buckets, native.NoGradWatch(without_grad))
 
-    def _init_state(self, p: torch.Tensor, needs: tuple[bool, ...]) -> bool:
+    def _init_state(self, p: torch.Tensor, needs: tuple[bool, ...], master: bool) -> bool:
         """Create the missing state of `p` as torch does at its first step; True when the first state tensor
         (SGD's momentum buffer) was created now."""
         state = self.state[p]
@@ -327,7 +471,25 @@ class FusedOptimizer(Optimizer):
             if needed and key not in state:
                 state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 created = created or k == 0
+        if master and MASTER_KEY not in state:
+            state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p)
         return created
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A GradScaler tensor on `device`, as a float32 [1] (a non-blocking copy where it lives elsewhere)."""
+    if t is None:
+        return None
+    if t.device != device or t.dtype != torch.float32:
+        t = t.to(device=device, dtype=torch.float32, non_blocking=True)
+    return t.reshape(1)
+
+
+def _check_max_norm(value, name: str, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+        raise ValueError(f"Invalid {name}: {value!r}; expected a non-negative number")
 
 
 def _dense(t: torch.Tensor) -> bool:

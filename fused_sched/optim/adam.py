@@ -41,7 +41,26 @@ _ARGS = """
             always runs fused and its steps never synchronize, so they change nothing. They are kept in the param
             groups so a state_dict loads into torch.optim with the same settings.
         differentiable (bool): must be False; fused_sched does not differentiate through the step.
+        master_weights (bool): keep a float32 copy of every bfloat16 / float16 parameter in its state
+            (``master_param``); the update runs on the copy and writes the parameter rounded to nearest even in
+            the same pass (default: False).
+        stochastic_rounding (bool): write bfloat16 parameters (without master_weights) with stochastic rounding,
+            unbiased; the random bits depend only on (rounding_seed, step, parameter index, element index)
+            (default: False).
+        max_grad_norm (float, optional): clip the global gradient norm (2-norm, as
+            torch.nn.utils.clip_grad_norm_) inside every ``step()``; the norm is kept in ``last_grad_norm``
+            (default: None, no clipping). ``clip_grad_norm_()`` clips the next step only.
+        rounding_seed (int): seed of stochastic rounding (default: 0).
 """
+
+
+def _validate_precision_options(group: dict) -> None:
+    for key in ("master_weights", "stochastic_rounding"):
+        if not isinstance(group.get(key, False), bool):
+            raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+    if group.get("master_weights") and group.get("stochastic_rounding"):
+        raise ValueError("master_weights and stochastic_rounding exclude each other: with a float32 master copy the "
+                         "parameter is rounded to nearest from it")
 
 
 class Adam(FusedOptimizer):
@@ -72,6 +91,10 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -85,8 +108,10 @@ class Adam(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
+            "master_weights": master_weights,
+            "stochastic_rounding": stochastic_rounding,
         }
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, max_grad_norm, rounding_seed)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -98,6 +123,8 @@ class Adam(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("master_weights", self.defaults.get("master_weights", False))
+            group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", False))
 
     def _validate_group(self, group: dict) -> None:
         lr = group["lr"]
@@ -120,6 +147,7 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
         if group.get("differentiable"):
             raise ValueError("fused_sched does not support differentiable=True")
+        _validate_precision_options(group)
 
     def _row(self, group: dict) -> tuple:
         return _hyper.adam_row(group)
@@ -130,12 +158,13 @@ class Adam(FusedOptimizer):
     def _momentum_column(self) -> int:
         return _hyper.BETA1
 
-    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
+    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor, amp: dict) -> None:
         schedule, schedule_step = self._schedule_args(bucket.device)
         if bucket.runner is not None:
-            bucket.runner.run(bucket.native, hyper, schedule=schedule, schedule_step=schedule_step)
+            bucket.runner.run(bucket.native, hyper, schedule=schedule, schedule_step=schedule_step,
+                              sr_seed=self.rounding_seed, **amp)
         else:
-            bucket.native.adam_step(hyper, schedule, schedule_step)
+            bucket.native.adam_step(hyper, schedule, schedule_step, sr_seed=self.rounding_seed, **amp)
 
 
 class AdamW(Adam):
@@ -159,11 +188,16 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            backend=backend,
+            backend=backend, master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+            max_grad_norm=max_grad_norm, rounding_seed=rounding_seed,
         )
 
     def __setstate__(self, state):

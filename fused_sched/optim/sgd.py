@@ -36,6 +36,10 @@ class SGD(FusedOptimizer):
         backend (str): "auto", "cpu", "triton" or "cuda".
         foreach, fused: accepted for compatibility with torch.optim code; they change nothing.
         differentiable (bool): must be False.
+        master_weights (bool): keep a float32 copy of every bfloat16 / float16 parameter in its state
+            (``master_param``), updated in place of the parameter, which is written rounded to nearest even in
+            the same pass (default: False).
+        max_grad_norm (float, optional): clip the global gradient 2-norm inside every ``step()`` (default: None).
     """
 
     _state_keys = ("momentum_buffer",)
@@ -56,6 +60,8 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -67,8 +73,9 @@ class SGD(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
+            "master_weights": master_weights,
         }
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, max_grad_norm)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -78,6 +85,7 @@ class SGD(FusedOptimizer):
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
+            group.setdefault("master_weights", self.defaults.get("master_weights", False))
 
     def _validate_group(self, group: dict) -> None:
         lr = group["lr"]
@@ -93,6 +101,8 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if group.get("differentiable"):
             raise ValueError("fused_sched does not support differentiable=True")
+        if not isinstance(group.get("master_weights", False), bool):
+            raise ValueError(f"master_weights must be a bool, got {group['master_weights']!r}")
 
     def _row(self, group: dict) -> tuple:
         return _hyper.sgd_row(group)
@@ -103,11 +113,14 @@ class SGD(FusedOptimizer):
     def _momentum_column(self) -> int:
         return _hyper.MOMENTUM
 
-    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor) -> None:
+    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor, amp: dict) -> None:
         schedule, schedule_step = self._schedule_args(bucket.device)
+        fresh = any(bucket.fresh)
         if bucket.runner is not None:
-            bucket.runner.run(bucket.native, hyper, bucket.fresh, schedule=schedule, schedule_step=schedule_step)
+            bucket.runner.run(bucket.native, hyper, bucket.fresh, schedule=schedule, schedule_step=schedule_step, **amp)
         else:
-            bucket.native.sgd_step(hyper, bucket.fresh, schedule, schedule_step)
-        if any(bucket.fresh):
+            bucket.native.sgd_step(hyper, bucket.fresh, schedule, schedule_step, **amp)
+        # A momentum buffer created by a step that GradScaler's found_inf skipped was not filled: it stays fresh
+        # for the next step. Knowing that needs found_inf on the host: read only on a step that creates buffers.
+        if fresh and not (amp["found_inf"] is not None and bool(amp["found_inf"].reshape(()) != 0)):
             bucket.fresh = [0] * len(bucket.fresh)

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FS_HOST_DEVICE __host__ __device__ __forceinline__
@@ -45,6 +46,25 @@ enum HyperFlag : uint32_t {
   kMaximize = 2u,
   kNesterov = 4u,
   kDecoupledWeightDecay = 8u,  // AdamW: param *= 1 - lr * wd; Adam: grad += wd * param
+  kStochasticRounding = 16u,   // bfloat16 params without a master copy are written with stochastic rounding
+  kMasterWeights = 32u,        // informational: the group keeps float32 master copies (found by address)
+};
+
+// Columns of the int64 address table that the device kernels (Triton, CUDA) read, one row per tensor of a bucket
+// (built by OptimBucket, csrc/optim_bucket.cpp). Addresses are 0 where a tensor is absent or empty. The Python
+// mirror is fused_sched/backends/triton_kernels.py (TABLE_COLUMNS and the column constants).
+enum TableColumn : int {
+  kColParam = 0,
+  kColGrad = 1,
+  kColState0 = 2,   // Adam: exp_avg; SGD: momentum_buffer
+  kColState1 = 3,   // Adam: exp_avg_sq
+  kColState2 = 4,   // Adam: max_exp_avg_sq
+  kColStep = 5,     // Adam: address of the float32 step; SGD: the "fresh buffer" flag
+  kColNumel = 6,
+  kColGroup = 7,
+  kColMaster = 8,   // float32 master copy of a low-precision param (master_weights), 0 without one
+  kColParamId = 9,  // the param's index in the optimizer (stochastic rounding draws its bits from it)
+  kTableColumns = 10,
 };
 
 // Set by adam_coeffs / sgd_coeffs when weight_decay == 0: torch skips the L2 add then, and AdamW's multiply by
@@ -173,6 +193,75 @@ FS_HOST_DEVICE void sgd_element(T& p, T g, T& buf, bool fresh, const SgdCoeffs<T
     g = (c.flags & kNesterov) ? MathOps<T>::fma(buf, c.momentum, g) : buf;  // grad.add(buf, alpha=momentum)
   }
   p = MathOps<T>::fma(g, c.neg_lr, p);  // param.add_(grad, alpha=-lr)
+}
+
+// What the step does to every gradient before the update: torch's fused optimizers divide by the GradScaler's scale
+// (grad_scale), and a pending fused clip multiplies by clip_grad_norm_'s coefficient. Both are skipped when absent
+// (x / 1 and x * 1 are exact anyway; skipping saves the work).
+template <typename T>
+struct GradPrescale {
+  T scale;
+  T coef;
+  bool divide;
+  bool multiply;
+};
+
+template <typename T>
+FS_HOST_DEVICE T prescale_grad(T g, const GradPrescale<T>& s) {
+  if (s.divide) g = g / s.scale;
+  if (s.multiply) g = g * s.coef;
+  return g;
+}
+
+// Stochastic rounding: counter-based random bits, the same on every backend for a given (seed, step, param id,
+// element index), so a run is reproducible and a resumed run continues the same stream. mix32 is Chris Wellons'
+// "lowbias32" integer hash (a bijection with good avalanche); one call per key word.
+FS_HOST_DEVICE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The per-tensor key of one step: computed once per chunk.
+FS_HOST_DEVICE uint32_t rounding_key(uint64_t seed, uint32_t step, uint32_t param_id) {
+  uint32_t k = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32)));
+  k = mix32(k ^ step);
+  return mix32(k ^ param_id);
+}
+
+// 16 random bits for element `index` of the tensor with key `key`.
+FS_HOST_DEVICE uint32_t rounding_bits(uint32_t key, int64_t index) {
+  const uint64_t i = static_cast<uint64_t>(index);
+  return mix32(mix32(key ^ static_cast<uint32_t>(i >> 32)) ^ static_cast<uint32_t>(i)) & 0xFFFFu;
+}
+
+// float32 -> bfloat16 bits, rounded up with probability (dropped bits) / 2^16: unbiased, E[result] = x. NaN stays
+// a quiet NaN; infinities stay; a finite value above the largest bfloat16 may round up to infinity as it should.
+FS_HOST_DEVICE uint16_t bf16_bits_stochastic(float x, uint32_t random16) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + random16) >> 16);
+}
+
+// torch.nn.utils.clip_grad_norm_'s coefficient from the total norm, in its float32 operations:
+// clip_coef = max_norm / (total_norm + 1e-6), i.e. reciprocal(total_norm + 1e-6) * max_norm (Tensor.__rtruediv__),
+// then clamp(max=1.0), which keeps a NaN.
+FS_HOST_DEVICE float clip_coefficient(float total_norm, float max_norm) {
+  const float coef = (1.0f / (total_norm + 1e-6f)) * max_norm;
+  return coef > 1.0f ? 1.0f : coef;
+}
+
+// The total norm from the sum of |g|^p (p finite) or the maximum of |g| (p infinite) over every gradient, in float64,
+// rounded to float32 once.
+FS_HOST_DEVICE float total_norm_from(double accumulated, double norm_type) {
+  if (norm_type == HUGE_VAL) return static_cast<float>(accumulated);
+  if (norm_type == 2.0) return static_cast<float>(sqrt(accumulated));
+  if (norm_type == 1.0) return static_cast<float>(accumulated);
+  return static_cast<float>(pow(accumulated, 1.0 / norm_type));
 }
 
 }  // namespace FS_MATH_ABI
