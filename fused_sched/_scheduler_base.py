@@ -8,7 +8,14 @@ keeps doing the host bookkeeping exactly as torch does (``last_epoch``, ``group[
 * ``_programs()`` (implemented by each class) describes lr(t) (and momentum(t) where the scheduler cycles it) of
   every param group as segments (fused_sched._schedule_program);
 * the programs are packed into a table bound to the optimizer (``ScheduleBinding``), with a float64 step counter
-  per device; ``step()`` advances that counter on the device (one tiny in-place add: no sync, capturable);
+  per device; ``step()`` advances that counter on the device (one tiny in-place add: no sync, capturable) by the
+  optimizer's ``step_advance`` flag, which its kernels set to 0 when torch.amp.GradScaler's found_inf skipped the
+  last optimizer step: a skipped step does not advance the schedule either, as in the transformers Trainer
+  (which skips ``scheduler.step()`` on overflow itself; then the flag is back to 1 by the next call).
+  The host bookkeeping then runs ahead of the device by the skipped steps: once a GradScaler has been used,
+  ``get_last_lr()`` and ``state_dict()`` read the device counter (a sync, on request only) and rewind the host
+  state (``last_epoch``, the groups' lr / momentum, ``get_last_lr()``) to it. A composite (SequentialLR,
+  ChainedScheduler) rewinds its own state, not its children's host counters;
 * a scheduler that cannot describe itself (``_programs()`` returns None: a LambdaLR with an arbitrary callable,
   MultiplicativeLR, ...) runs in *host mode*: after each host step its new learning rates are written into CONST
   segments with a non-blocking copy from pinned memory. No sync either, but a CUDA graph cannot replay it.
@@ -22,7 +29,7 @@ import math
 
 import torch
 
-from ._schedule_program import CONST, LR, P0, SET, Program, Segment, pack
+from ._schedule_program import CONST, LR, P0, SET, Program, Segment, evaluate_reference, pack
 
 
 class ScheduleBinding:
@@ -55,10 +62,12 @@ class ScheduleBinding:
             self.counters[device] = counter
         return counter
 
-    def advance(self) -> None:
+    def advance(self, optimizer=None) -> None:
+        """One scheduler step: + the optimizer's step_advance flag (1, or 0 after a step found_inf skipped);
+        + 1 without an optimizer."""
         self.step += 1
-        for counter in self.counters.values():
-            counter.add_(1.0)
+        for device, counter in self.counters.items():
+            counter.add_(1.0 if optimizer is None else optimizer._step_advance(device))
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
@@ -98,6 +107,9 @@ class DeviceScheduleMixin:
     """Binds a torch scheduler subclass to a fused_sched optimizer's kernels. Put it first in the bases."""
 
     _binding: ScheduleBinding | None = None
+    #: Whether a step that GradScaler's found_inf skipped also holds this scheduler back (ReduceLROnPlateau, which
+    #: counts epochs of metrics, not optimizer steps, says no).
+    _skips_with_optimizer = True
 
     def _programs(self) -> list[Program] | None:
         """Programs of every param group, in this scheduler's own step count; None: host mode."""
@@ -114,6 +126,9 @@ class DeviceScheduleMixin:
         opt = self._fused_optimizer()
         if opt is None:
             return
+        # The binding being replaced must not rewind the host state that the new one starts from
+        # (get_last_lr() below and in _programs() would consult it).
+        self._binding = None
         programs = self._programs()
         host_mode = programs is None
         if host_mode:
@@ -137,15 +152,55 @@ class DeviceScheduleMixin:
             binding.write_consts(self.get_last_lr())
             binding.step = self.last_epoch
         elif self.last_epoch == binding.step + 1:
-            binding.advance()
+            binding.advance(self._fused_optimizer() if self._skips_with_optimizer else None)
         else:
             binding.set_step(self.last_epoch)
+
+    # -- steps skipped on the device (GradScaler's found_inf) -------------------------------------------------
+    def _sync_skipped_steps(self) -> None:
+        """Rewind the host bookkeeping to the device step counter when optimizer steps were skipped on the device.
+        Reads the counter (a sync) only once a GradScaler has handed the optimizer a found_inf."""
+        binding = self._binding
+        opt = self._fused_optimizer()
+        if (binding is None or opt is None or not opt._amp_seen or getattr(self, "_host_mode", False)
+                or not self._skips_with_optimizer):
+            return
+        if not binding.counters:
+            return
+        device_step = int(next(iter(binding.counters.values())).item())
+        if device_step >= binding.step:
+            return
+        binding.step = device_step
+        self._rewind_host(device_step)
+
+    def _rewind_host(self, step: int) -> None:
+        """Make the host state that of a scheduler stepped `step` times: last_epoch, and the lr (and momentum) of
+        every group from the bound programs, the values the kernels use."""
+        self.last_epoch = step
+        opt = self._fused_optimizer()
+        lrs = []
+        for group, program in zip(opt.param_groups, self._binding.programs, strict=True):
+            lr, momentum = evaluate_reference(program, float(step))
+            if lr == lr:
+                group["lr"] = lr
+            if momentum == momentum:
+                if "betas" in group:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                elif "momentum" in group:
+                    group["momentum"] = momentum
+            lrs.append(group["lr"])
+        self._last_lr = lrs
+
+    def get_last_lr(self):
+        self._sync_skipped_steps()
+        return super().get_last_lr()
 
     # torch's state_dict() is the scheduler's __dict__: the binding (optimizer, device tables) and the host-mode
     # flag are runtime wiring, not state, and must neither be saved nor be loaded over the live ones.
     _RUNTIME_KEYS = ("_binding", "_host_mode")
 
     def state_dict(self):
+        self._sync_skipped_steps()
         state = super().state_dict()
         for key in self._RUNTIME_KEYS:
             state.pop(key, None)

@@ -737,6 +737,8 @@ class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
     device. Reading ``group["lr"]`` directly in between shows the value of the last such read.
     """
 
+    _skips_with_optimizer = False
+
     def __init__(
         self,
         optimizer: Optimizer,

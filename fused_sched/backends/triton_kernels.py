@@ -233,7 +233,7 @@ def _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE: tl.con
     """(grad_scale, clip_coef, skipped) of this launch."""
     grad_scale = 1.0
     clip_coef = 1.0
-    skipped = False
+    skipped = tl.full([], 0, tl.int32) != 0
     if HAS_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
     if HAS_CLIP:
@@ -580,7 +580,7 @@ def grad_norm_kernel(table_ptr, chunks_ptr, partials_ptr, slot_offset, n_slots, 
                 else:
                     norm = tl.exp2(tl.log2(accumulated) / norm_type).to(tl.float32)
             # optim_math.h clip_coefficient: reciprocal(total + 1e-6) * max_norm, clamp(max=1) keeping NaN.
-            coef = tl.div_rn(1.0, norm + 1e-6) * max_norm.to(tl.float32)
+            coef = tl.div_rn(1.0, norm + 1e-6) * max_norm  # max_norm: a float32 argument
             coef = tl.where(coef > 1.0, 1.0, coef)
             tl.store(out_ptr, norm)
             tl.store(out_ptr + 1, coef)

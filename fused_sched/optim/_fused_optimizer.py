@@ -111,6 +111,7 @@ class FusedOptimizer(Optimizer):
         self._schedule = None
         self._pending_clip = None
         self._advance = {}
+        self._amp_seen = False  # a GradScaler handed a found_inf to a step: schedulers may lag their host counts
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------------------------------------------
@@ -148,6 +149,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("_pending_clip", None)
         self.__dict__.setdefault("_advance", {})
+        self.__dict__.setdefault("_amp_seen", False)
         self._invalidate()
 
     # -- device schedules (fused_sched._scheduler_base) ------------------------------------------------------
@@ -229,6 +231,8 @@ class FusedOptimizer(Optimizer):
         # Set by torch.amp.GradScaler.step for the duration of this call (_step_supports_amp_scaling).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            self._amp_seen = True
         clip, self._pending_clip = self._pending_clip, None
         if clip is None and self.max_grad_norm is not None and plan.buckets:
             self.last_grad_norm, clip = self._clip_pass(plan, self.max_grad_norm, 2.0, grad_scale)
@@ -443,8 +447,10 @@ class FusedOptimizer(Optimizer):
                 else:
                     states.append([])
             steps = [self.state[p]["step"] for p in bucket.params] if self._has_step else []
-            masters = [self.state[m[1]][MASTER_KEY] if m[3] else None for m in members]
-            if not any(t is not None for t in masters):
+            if any(m[3] for m in members):
+                placeholder = torch.empty(0, dtype=torch.float32, device=device)  # "no master copy"
+                masters = [self.state[m[1]][MASTER_KEY] if m[3] else placeholder for m in members]
+            else:
                 masters = []
             ids = [param_ids[id(p)] for p in bucket.params]
             bucket.native = native.OptimBucket(bucket.params, states, steps, bucket.group_index, masters, ids)
