@@ -113,9 +113,12 @@ class _NormWorkspace:
 _norm_workspaces: dict = {}
 
 
-def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None) -> torch.Tensor:
+def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
+                   finalize: bool = True) -> torch.Tensor:
     """The norm pass of a fused clip over Triton buckets (pairs of native bucket and runner, one device): one
-    launch per bucket, the last one finalizing. Returns float32 [total_norm, clip_coef] on the device."""
+    launch per bucket, the last one finalizing. Returns float32 [total_norm, clip_coef] on the device; with
+    finalize=False, the float64 [1] accumulation of the local gradients instead (sum of |g|^p, or max |g|), for a
+    caller that reduces it across processes first."""
     for native, runner in buckets:
         runner.sync_tables(native)
     device = buckets[0][1].device
@@ -128,10 +131,15 @@ def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch
     for k, (_, runner) in enumerate(buckets):
         offset += kernels.launch_grad_norm(
             runner.table, runner.chunks, workspace.partials, offset, workspace.counter, out, runner.dtype,
-            runner.config["num_programs"], norm_type, max_norm, finalize=k == len(buckets) - 1,
+            runner.config["num_programs"], norm_type, max_norm, finalize=finalize and k == len(buckets) - 1,
             grad_scale=grad_scale, BLOCK=runner.config["BLOCK"], CHUNK=runner.config["CHUNK"],
         )
-    return out
+    if finalize:
+        return out
+    partials = workspace.partials[:offset]
+    if norm_type == float("inf"):
+        return partials.max().reshape(1)  # torch.max propagates NaN
+    return partials.sum().reshape(1)
 
 
 def _address_table(params, grads, states, steps, group_index) -> torch.Tensor:

@@ -34,6 +34,7 @@ Large-model options (every backend):
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 
 import torch
@@ -46,9 +47,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _Bucket:
-    """The parameters of one (device, dtype) bucket, their state and the backend that updates them."""
+    """The parameters of one (device, dtype) bucket, their state and the backend that updates them.
 
-    __slots__ = ("device", "dtype", "backend", "params", "group_index", "native", "fresh", "runner")
+    ``sharded``: (DTensor param, its local shard) pairs when the parameters are DTensors (FSDP2): the C++ bucket
+    holds the local shards, and the gradients' local shards are handed to them before every check
+    (``lend_local_grads``) and taken back once the step is launched (``return_local_grads``)."""
+
+    __slots__ = ("device", "dtype", "backend", "params", "group_index", "native", "fresh", "runner", "sharded")
 
     def __init__(self, device, dtype, backend, params, group_index):
         self.device = device
@@ -59,6 +64,17 @@ class _Bucket:
         self.native = None
         self.fresh = None
         self.runner = None
+        self.sharded = None
+
+    def lend_local_grads(self) -> None:
+        for param, local in self.sharded:
+            grad = param.grad
+            local.grad = None if grad is None else _local(grad)
+
+    def return_local_grads(self) -> None:
+        # A local shard must not keep its gradient alive after zero_grad(set_to_none=True) of the DTensor.
+        for _, local in self.sharded:
+            local.grad = None
 
 
 class _Plan:
@@ -71,7 +87,12 @@ class _Plan:
     def current(self) -> bool:
         if not self.watch.still_none():
             return False
-        return all(b.native.refresh_grads() == "" for b in self.buckets)
+        for b in self.buckets:
+            if b.sharded:
+                b.lend_local_grads()
+            if b.native.refresh_grads() != "":
+                return False
+        return True
 
 
 #: State key of a parameter's float32 master copy (master_weights).
@@ -249,6 +270,8 @@ class FusedOptimizer(Optimizer):
                 "step_advance": self._step_advance(bucket.device),
             }
             self._run_bucket(bucket, table, amp)
+            if bucket.sharded:
+                bucket.return_local_grads()
         return loss
 
     def _step_advance(self, device: torch.device) -> torch.Tensor:
@@ -307,28 +330,43 @@ class FusedOptimizer(Optimizer):
         return total
 
     def _clip_pass(self, plan: _Plan, max_norm: float, norm_type: float, grad_scale):
-        """The norm pass over every bucket: (total norm, {device: clip coefficient}), both on the device."""
+        """The norm pass over every bucket: (total norm, {device: clip coefficient}), both on the device.
+
+        With DTensor parameters (FSDP2) every rank accumulates its local shards, the accumulations are all-reduced
+        over the mesh dimensions the parameters are sharded on (a device collective, no host read), and the
+        coefficient is computed from the reduced value."""
         devices = {b.device for b in plan.buckets}
         if len(devices) != 1:
             raise ValueError("fused gradient clipping needs every parameter with a gradient on one device; got "
                              f"{sorted(map(str, devices))}")
         (device,) = devices
         scale = _on(grad_scale, device)
+        groups = _shard_groups([p for b in plan.buckets for p in b.params])
+        native = load_extension()
         if all(b.runner is None for b in plan.buckets):
             # C++ CPU buckets: the accumulations are host floats (CPU tensors: reading them costs no sync).
             divide = 1.0 if scale is None else float(scale.reshape(()))
             parts = [b.native.grad_norm_accumulate(norm_type, divide) for b in plan.buckets]
-            if norm_type == float("inf"):
-                accumulated = float("nan") if any(p != p for p in parts) else max(parts)
+            if norm_type == math.inf:
+                accumulated = math.nan if any(p != p for p in parts) else max(parts)
             else:
                 accumulated = sum(parts)
-            total, coef = load_extension().clip_coefficients(accumulated, norm_type, max_norm)
-            out = torch.tensor([total, coef], dtype=torch.float32, device=device)
+            if not groups:
+                total, coef = native.clip_coefficients(accumulated, norm_type, max_norm)
+                out = torch.tensor([total, coef], dtype=torch.float32, device=device)
+                return out[0], {device: out[1:2]}
+            accumulated = torch.tensor([accumulated], dtype=torch.float64, device=device)
         else:
             from ..backends.triton_backend import grad_norm_pass
 
-            out = grad_norm_pass([(b.native, b.runner) for b in plan.buckets], norm_type, max_norm, scale)
+            if not groups:
+                out = grad_norm_pass([(b.native, b.runner) for b in plan.buckets], norm_type, max_norm, scale)
+                return out[0], {device: out[1:2]}
+            accumulated = grad_norm_pass([(b.native, b.runner) for b in plan.buckets], norm_type, max_norm, scale,
+                                         finalize=False)
+        out = _finalize_sharded_clip(accumulated, groups, norm_type, max_norm)
         return out[0], {device: out[1:2]}
+
     def _device_values(self, table: torch.Tensor) -> None:
         """Copy the learning rates held in accelerator tensors into `table` on the device: device-to-device,
         no sync, and captured by a CUDA graph like the kernel (torch's fused optimizers read a tensor lr the same
@@ -394,7 +432,16 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}")
         if g.device != p.device:
             raise ValueError(f"gradient on {g.device} but parameter on {p.device}")
-        if not _dense(p):
+        if _is_dtensor(p) or _is_dtensor(g):
+            if not (_is_dtensor(p) and _is_dtensor(g)) or g.placements != p.placements:
+                raise ValueError("a DTensor parameter needs a DTensor gradient with the same placements (fused_sched "
+                                 "updates the local shards), got "
+                                 f"{getattr(p, 'placements', 'a plain tensor')} and "
+                                 f"{getattr(g, 'placements', 'a plain tensor')}")
+            if _local(g).shape != _local(p).shape:
+                raise ValueError(f"gradient shard of shape {tuple(_local(g).shape)} differs from the parameter's "
+                                 f"{tuple(_local(p).shape)}")
+        if not _dense(_local(p)):
             raise ValueError("fused_sched needs parameters whose elements are dense in memory (a view that skips "
                              "elements cannot be updated in place by a fused kernel)")
         for key in self._state_keys:
@@ -423,10 +470,13 @@ class FusedOptimizer(Optimizer):
             if p.device not in resolved:
                 resolved[p.device] = backends.resolve(self.backend, p.device)
         for _, _, p in with_grad:
-            if p.grad.stride() != p.stride():
+            if _local(p.grad).stride() != _local(p).stride():
                 # The kernels walk a gradient as the flat array of its parameter: a gradient laid out otherwise
                 # (a transposed or sliced view) is replaced by an equal one in the parameter's layout, as torch's
                 # fused path copies it to a contiguous temporary. Such a plan is rebuilt at every step.
+                if _is_dtensor(p):
+                    raise ValueError("a DTensor gradient whose local shard is laid out unlike its parameter's is not "
+                                     "supported")
                 p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
         by_key: dict = {}
         for index, needs, p in with_grad:
@@ -442,18 +492,23 @@ class FusedOptimizer(Optimizer):
                 column = [self.state[p].get(key) for p in bucket.params]
                 if any(t is not None for t in column):
                     placeholder = torch.empty(0, dtype=torch.float32, device=device)
-                    column = [t if t is not None else placeholder for t in column]
+                    column = [_local(t) if t is not None else placeholder for t in column]
                     states.append(column)
                 else:
                     states.append([])
             steps = [self.state[p]["step"] for p in bucket.params] if self._has_step else []
             if any(m[3] for m in members):
                 placeholder = torch.empty(0, dtype=torch.float32, device=device)  # "no master copy"
-                masters = [self.state[m[1]][MASTER_KEY] if m[3] else placeholder for m in members]
+                masters = [_local(self.state[m[1]][MASTER_KEY]) if m[3] else placeholder for m in members]
             else:
                 masters = []
             ids = [param_ids[id(p)] for p in bucket.params]
-            bucket.native = native.OptimBucket(bucket.params, states, steps, bucket.group_index, masters, ids)
+            locals_ = [_local(p) for p in bucket.params]
+            if any(_is_dtensor(p) for p in bucket.params):
+                bucket.sharded = [(p, local) for p, local in zip(bucket.params, locals_, strict=True)
+                                  if _is_dtensor(p)]
+                bucket.lend_local_grads()
+            bucket.native = native.OptimBucket(locals_, states, steps, bucket.group_index, masters, ids)
             if bucket.backend == "triton":
                 from ..backends.triton_backend import TritonBucketRunner
 
@@ -480,6 +535,62 @@ class FusedOptimizer(Optimizer):
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p)
         return created
+
+
+def _is_dtensor(t) -> bool:
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+_DTENSOR = []
+
+
+def _dtensor_class():
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch built without distributed support
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory a kernel updates: a DTensor's local shard, any other tensor itself."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _shard_groups(params: list) -> list:
+    """The process groups over which a norm of these parameters' local shards must be reduced: one per mesh
+    dimension the DTensor parameters are sharded on ([] for plain tensors)."""
+    sharded = [p for p in params if _is_dtensor(p)]
+    if not sharded:
+        return []
+    if len(sharded) != len(params):
+        raise ValueError("fused gradient clipping over DTensor and plain parameters together is not supported: a "
+                         "plain parameter's norm would be counted once per rank")
+    mesh, placements = sharded[0].device_mesh, sharded[0].placements
+    if any(p.device_mesh != mesh or p.placements != placements for p in sharded):
+        raise ValueError("fused gradient clipping needs every DTensor parameter on one mesh with one placement")
+    return [mesh.get_group(dim) for dim, placement in enumerate(placements) if placement.is_shard()]
+
+
+def _finalize_sharded_clip(accumulated: torch.Tensor, groups: list, norm_type: float, max_norm: float):
+    """All-reduce the float64 accumulation over `groups`, then optim_math.h total_norm_from and clip_coefficient
+    with torch operations: float32 [total_norm, clip_coef]."""
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
+    for group in groups:
+        dist.all_reduce(accumulated, op=op, group=group)
+    if norm_type == math.inf or norm_type == 1.0:
+        total = accumulated.float()
+    elif norm_type == 2.0:
+        total = accumulated.sqrt().float()
+    else:
+        total = accumulated.pow(1.0 / norm_type).float()
+    coef = torch.clamp((total + 1e-6).reciprocal() * max_norm, max=1.0)  # clamp keeps a NaN, as torch's does
+    return torch.cat([total.reshape(1), coef.reshape(1)])
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
