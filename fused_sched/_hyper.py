@@ -18,6 +18,9 @@ STOCHASTIC_ROUNDING = 16
 # Not read by the kernels (a master copy is found by its address): makes a change of master_weights change the row,
 # which is what tells the optimizer to rebuild its buckets.
 MASTER_WEIGHTS = 32
+# The row's lr holds even where the bound schedule program sets one: the param group's lr was written by hand
+# since the scheduler's last step (torch.distributed.checkpoint's state initialization sets it to 0, for one).
+LR_FROM_TABLE = 64
 
 
 def scalar(value) -> float:
@@ -27,6 +30,13 @@ def scalar(value) -> float:
     if isinstance(value, torch.Tensor):
         return 0.0 if is_device_tensor(value) else float(value.item())
     return float(value)
+
+
+def lr_scalar(value) -> float:
+    """The learning rate as the table's row holds it: a float, or 0.0 for a tensor lr on any device, which the
+    optimizer copies into the table with a tensor operation at every step (FusedOptimizer._device_values). Reading
+    a CPU tensor here would make torch.compile guard on its value and recompile whenever the lr changes."""
+    return 0.0 if isinstance(value, torch.Tensor) else float(value)
 
 
 def is_device_tensor(value) -> bool:
@@ -43,7 +53,7 @@ def adam_row(group: dict) -> tuple:
         | (MASTER_WEIGHTS if group.get("master_weights") else 0)
     )
     return (
-        scalar(group["lr"]), scalar(beta1), scalar(beta2), float(group["eps"]), scalar(group["weight_decay"]),
+        lr_scalar(group["lr"]), scalar(beta1), scalar(beta2), float(group["eps"]), scalar(group["weight_decay"]),
         0.0, 0.0, float(flags),
     )
 
@@ -55,6 +65,6 @@ def sgd_row(group: dict) -> tuple:
         | (MASTER_WEIGHTS if group.get("master_weights") else 0)
     )
     return (
-        scalar(group["lr"]), 0.0, 0.0, 0.0, scalar(group["weight_decay"]), float(group["momentum"]),
+        lr_scalar(group["lr"]), 0.0, 0.0, 0.0, scalar(group["weight_decay"]), float(group["momentum"]),
         float(group["dampening"]), float(flags),
     )

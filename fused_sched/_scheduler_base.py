@@ -43,6 +43,9 @@ class ScheduleBinding:
         self.tables: dict = {}
         self.counters: dict = {}
         self.lr_groups = [LR in p.targets() for p in programs]
+        #: The param groups' lr as this scheduler last left them: a different value in a group was written by hand,
+        #: and the kernels then take it instead of the program's (until the scheduler's next step).
+        self.host_lrs = None
         self.momentum_groups = [1 in p.targets() for p in programs]
         for g, program in enumerate(programs):
             for target in program.targets():
@@ -135,6 +138,7 @@ class DeviceScheduleMixin:
             programs = host_mode_programs(self.get_last_lr())
         self._host_mode = host_mode
         self._binding = ScheduleBinding(self, programs, self.last_epoch)
+        self._record_host_lrs()
         opt._attach_schedule(self._binding)
 
     def _unbind(self) -> None:
@@ -144,10 +148,16 @@ class DeviceScheduleMixin:
             opt._detach_schedule(self._binding)
         self._binding = None
 
+    def _record_host_lrs(self) -> None:
+        binding, opt = self._binding, self._fused_optimizer()
+        if binding is not None and opt is not None:
+            binding.host_lrs = [g["lr"] for g in opt.param_groups]
+
     def _device_step(self) -> None:
         binding = self._binding
         if binding is None:
             return
+        self._record_host_lrs()
         if getattr(self, "_host_mode", False):
             binding.write_consts(self.get_last_lr())
             binding.step = self.last_epoch
@@ -190,6 +200,7 @@ class DeviceScheduleMixin:
                     group["momentum"] = momentum
             lrs.append(group["lr"])
         self._last_lr = lrs
+        self._record_host_lrs()
 
     def get_last_lr(self):
         self._sync_skipped_steps()

@@ -346,11 +346,6 @@ def test_fsdp2_checkpoint_resume_equals_uninterrupted(kind, tmp_path):
     _run(_dcp_worker, kind, str(tmp_path / "checkpoint"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "get_optimizer_state_dict initializes an empty optimizer's state with a step on zero gradients and every group's "
-    "lr set to 0 (torch.distributed.checkpoint.state_dict._init_optim_state); fused_sched takes the lr of a group "
-    "that a device scheduler drives from the schedule program, not from group['lr'], so that step applies AdamW's "
-    "weight decay with the scheduled lr and changes the parameters"))
 def test_get_optimizer_state_dict_of_a_fresh_optimizer_leaves_params_untouched():
     """The checkpoint API's state initialization must not move the parameters: torch.optim.AdamW with its scheduler
     does not; neither must fused_sched.AdamW with its own (in process: no process group is needed)."""

@@ -231,17 +231,7 @@ def test_compiled_train_step_with_opt_step_inside_matches_torch(lr_kind):
     torch.testing.assert_close(our_params, their_params, **TOLERANCE)
 
 
-# fused_sched reads a CPU tensor lr on the host (fused_sched._hyper.scalar: lr.item()) and builds its hyper table
-# with torch.tensor(rows) (FusedOptimizer._hyper_table): Dynamo specializes on that float, so every new lr value is
-# a guard failure (rows[0][0] == 0.008...) and a recompilation of _hyper_table and _hyper.scalar, until Dynamo's
-# recompile limit (8) sends those frames back to eager. Measured frames after each call: [12, 14, 16, 17, 18, 19,
-# 20, 21, 21, ...]; torch.optim.AdamW: [2, 2, 2, ...].
-TENSOR_LR_RECOMPILES = pytest.mark.xfail(strict=True, reason=(
-    "a tensor lr is read with .item() and fed to torch.tensor(rows) in FusedOptimizer._hyper_table: every new lr "
-    "value recompiles (guard rows[0][0] == <lr>) until Dynamo's recompile limit"))
-
-
-@pytest.mark.parametrize("lr_kind", ["scheduler", pytest.param("tensor", marks=TENSOR_LR_RECOMPILES)])
+@pytest.mark.parametrize("lr_kind", ["scheduler", "tensor"])
 def test_compiled_train_step_does_not_recompile_when_the_lr_changes(lr_kind):
     """Once warm (two calls: the first builds the state and fused_sched's plan, the second sees them built), a
     compiled step recompiles no more, whatever the lr does.
@@ -250,7 +240,8 @@ def test_compiled_train_step_does_not_recompile_when_the_lr_changes(lr_kind):
     fused_sched [8, 10, 10, ...] (the recompilations at call 2 are guards on its first-step state: plan, hyper table,
     schedule counter; the lr itself is not guarded on because the scheduled lr is computed on the device);
     torch.optim.AdamW + torch's scheduler [2, 3, 3, ...] (one recompilation at call 2: Dynamo's automatic dynamic
-    turns the changed float lr into an input).
+    turns the changed float lr into an input). With a tensor lr, which fused_sched copies into its hyper table with
+    a traced tensor operation (never reading it on the host), neither recompiles after the first call.
     """
     for kind in ("torch", "fused"):
         frames = _compiled_train_step(kind, lr_kind)[2]

@@ -685,3 +685,35 @@ def test_transformers_schedule_kernel_lr_on_triton(factory, kwargs):
         ref_opt.step()
         ours.step()
         ref.step()
+
+
+def test_lr_written_by_hand_holds_until_the_next_scheduler_step():
+    """torch reads group["lr"] at every optimizer step, so an lr written by hand (torch.distributed.checkpoint sets
+    every group's lr to 0 for one step, then restores it) takes effect at once; with a bound device schedule too."""
+    base = torch.randn(64, dtype=torch.float64).float()
+    ours, theirs = base.clone().requires_grad_(), base.clone().requires_grad_()
+    opt = fused_sched.AdamW([ours], lr=0.1, weight_decay=0.5)
+    ref = torch.optim.AdamW([theirs], lr=0.1, weight_decay=0.5, foreach=False)
+    sched, ref_sched = F.CosineAnnealingLR(opt, T_max=10), T.CosineAnnealingLR(ref, T_max=10)
+
+    def step(hand_lr=None):
+        g = torch.randn(64)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        saved = [opt.param_groups[0]["lr"], ref.param_groups[0]["lr"]]
+        if hand_lr is not None:
+            opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = hand_lr
+        opt.step()
+        ref.step()
+        if hand_lr is not None:  # restored, as the checkpoint code does
+            opt.param_groups[0]["lr"], ref.param_groups[0]["lr"] = saved
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+    for hand_lr in (None, None, 0.0, None, 0.37, None):
+        step(hand_lr)
+        sched.step()
+        ref_sched.step()
+    frozen = ours.detach().clone()
+    opt.param_groups[0]["lr"] = 0.0  # and a zero lr with AdamW's weight decay moves nothing
+    ours.grad = torch.zeros(64)
+    opt.step()
+    assert torch.equal(ours.detach(), frozen)

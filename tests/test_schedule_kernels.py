@@ -326,3 +326,37 @@ def test_launch_checks_the_schedule():
         with pytest.raises(ValueError):
             triton_kernels.launch_sgd(table, chunks, hyper, counter, torch.float32, 1, schedule=schedule,
                                       schedule_step=schedule_step)
+
+
+def test_lr_from_table_flag_overrides_the_program_on_every_backend():
+    """Hyper flag LR_FROM_TABLE (an lr written into the group by hand): the row's lr holds where the program sets
+    one; C++ and Triton agree."""
+    from fused_sched import _hyper
+
+    hyper = torch.tensor([[0.25, 0.9, 0.999, 1e-8, 0.5, 0.0, 0.0, 8.0 + _hyper.LR_FROM_TABLE],
+                          [0.25, 0.9, 0.999, 1e-8, 0.5, 0.0, 0.0, 8.0]], dtype=torch.float64)
+    schedule = sp.pack([sp.Program([sp.Segment(sp.CONST, (1e-3,))])] * 2)
+    step = torch.tensor([0.0], dtype=torch.float64)
+    results = []
+    for runner, device in (("cpu", "cpu"), ("triton", DEVICE)):
+        params = [torch.ones(300, device=device), torch.ones(5, device=device)]
+        grads = [torch.zeros_like(p) for p in params]
+        moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        steps = [torch.zeros((), device=device) for _ in params]
+        if runner == "cpu":
+            torch.ops.fused_sched.adam_step_(params, grads, *moments, [], steps, hyper, [0, 1], schedule=schedule,
+                                             schedule_step=step)
+        else:
+            rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, s.data_ptr(), p.numel(), k, 0, k]
+                    for k, (p, g, m, v, s) in enumerate(zip(params, grads, *moments, steps, strict=True))]
+            table = torch.tensor(rows, dtype=torch.int64, device=device)
+            chunks = triton_kernels.build_chunks([300, 5], CHUNK).to(device)
+            triton_kernels.launch_adam(table, chunks, hyper.to(device), torch.zeros(1, dtype=torch.int32,
+                                       device=device), torch.float32, 3, schedule=schedule.to(device),
+                                       schedule_step=step.to(device), BLOCK=BLOCK, CHUNK=CHUNK)
+        params = [p.cpu() for p in params]
+        # Weight decay shows which lr ran: 1 - 0.25 * 0.5 from the table, 1 - 1e-3 * 0.5 from the program.
+        assert torch.all(params[0] == torch.tensor(1 - 0.25 * 0.5, dtype=torch.float32)), runner
+        assert torch.all(params[1] == torch.tensor(1 - 1e-3 * 0.5, dtype=torch.float32)), runner
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -3,11 +3,14 @@
 // a CUDA build of torch. The torch glue is csrc/cuda/optim_cuda_torch.cpp.
 //
 // The tables are those of the Triton backend (fused_sched/backends/triton_kernels.py), all on the device:
-// * table: int64 [n_rows, 8], one row per tensor: param, grad, state0, state1, state2 addresses, column 5, numel,
-//   param-group index. Adam: state0 = exp_avg, state1 = exp_avg_sq, state2 = max_exp_avg_sq (0 when absent),
-//   column 5 = address of the float32 one-element step tensor. SGD: state0 = momentum_buffer (0 when absent),
-//   column 5 = the "fresh buffer" flag (nonzero on the step that creates the buffer). An address is 0 for a
-//   tensor of numel 0.
+// * table: int64 [n_rows, kTableColumns] (optim_math.h TableColumn), one row per tensor: param, grad, state0,
+//   state1, state2 addresses, kColStep, numel, param-group index, float32 master-copy address, param id.
+//   Adam: state0 = exp_avg, state1 = exp_avg_sq, state2 = max_exp_avg_sq (0 when absent), kColStep = address of
+//   the float32 one-element step tensor. SGD: state0 = momentum_buffer (0 when absent), kColStep = the "fresh
+//   buffer" flag (nonzero on the step that creates the buffer). kColMaster: 0, or a float32 copy laid out like
+//   the param, read and written in its place (the param receives it rounded to nearest even). kColParamId: the
+//   param's index in the optimizer, which keys stochastic rounding's random bits. An address is 0 for a tensor
+//   of numel 0.
 // * chunks: int64 [n_chunks, 2] of (row, start); a chunk covers [start, min(start + chunk_elements, numel)) of
 //   its tensor (the chunk map of triton_kernels.build_chunks(numels, chunk_elements)).
 // * hyper: float64 [groups, kHyperColumns] (optim_math.h).
@@ -32,16 +35,59 @@ enum class ParamDtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 // DEFAULT_CHUNK.
 constexpr int64_t kDefaultChunkElements = 65536;
 
+// The large-model inputs of a step (csrc/cpu/optim_cpu.h StepOptions), as device pointers; each may be nullptr.
+// * grad_scale (float32 [1], GradScaler's scale): every gradient is divided by it.
+// * found_inf (float32 [1]): when nonzero the launch changes nothing at all: no parameter, state or master is
+//   written, Adam steps are not advanced and SGD fresh flags are not cleared.
+// * clip_coef (float32 [1], a fused clip_grad_norm_'s coefficient): every gradient is multiplied by it (after the
+//   division by grad_scale).
+// * step_advance (float64 [1], written by the last block): 0.0 when found_inf skipped the step, else 1.0.
+// * sr_seed: the seed of stochastic rounding (Adam only: bfloat16 params without a master copy whose group has
+//   kStochasticRounding are written with optim_math.h bf16_bits_stochastic, bits from
+//   rounding_key(sr_seed, step after its increment, param id) and rounding_bits(key, element index)).
+// The pointers are read on the device (the host reads no device value), so a launch can be captured in a CUDA
+// graph and replayed while the scale, found_inf and clip coefficient change.
+struct StepOptions {
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
+  const float* clip_coef = nullptr;
+  double* step_advance = nullptr;
+  uint64_t sr_seed = 0;
+};
+
 // Returns cudaErrorInvalidValue for a bad argument (unknown dtype, chunk_elements <= 0, negative counts, a
-// missing pointer), the launch error otherwise. Launches nothing when n_rows == 0.
+// missing pointer), the launch error otherwise. Launches nothing when n_rows == 0 (step_advance is then not
+// written either, as in the Triton launcher).
 cudaError_t launch_adam_tables(ParamDtype param_dtype, const int64_t* table, int64_t n_rows, const int64_t* chunks,
                                int64_t n_chunks, int64_t chunk_elements, const double* hyper, const double* schedule,
                                int64_t schedule_segments, const double* schedule_step, int32_t* counter,
-                               cudaStream_t stream);
+                               cudaStream_t stream, const StepOptions& options = StepOptions{});
 
+// SGD never rounds stochastically: options.sr_seed is ignored.
 cudaError_t launch_sgd_tables(ParamDtype param_dtype, int64_t* table, int64_t n_rows, const int64_t* chunks,
                               int64_t n_chunks, int64_t chunk_elements, const double* hyper, const double* schedule,
                               int64_t schedule_segments, const double* schedule_step, int32_t* counter,
-                              cudaStream_t stream);
+                              cudaStream_t stream, const StepOptions& options = StepOptions{});
+
+// The norm pass of a fused clip_grad_norm_ over one bucket (triton_kernels.grad_norm_kernel): block b adds
+// |g / grad_scale|^norm_type over its chunks' gradients (table column kColGrad, grad_dtype elements) and writes
+// the sum at partials[slot_offset + b]; for norm_type = inf it writes the maximum of |g / grad_scale| instead.
+// NaN propagates. |g|^2 is squared in float32 and summed in float64, |g|^1 summed in float64, any other p raised
+// by pow() in float64. grad_scale may be nullptr (no division). Within a block the sum has a fixed order, so a
+// given grid gives the same bits every time.
+// *slots_used (when not nullptr) receives the grid size, which grad_norm_slots(n_chunks) gives in advance:
+// partials must hold slot_offset + that many float64s. One launch per bucket, each with the slot_offset
+// following the previous bucket's slots; the last one with finalize = true: its last block (a ticket on counter,
+// which it leaves zero) combines partials[0 .. slot_offset + grid) in index order and writes
+// out[0] = total_norm_from(combined, norm_type) (the total norm, float32) and
+// out[1] = clip_coefficient(out[0], max_norm) (optim_math.h). Launches without finalize touch neither counter nor
+// out (both may be nullptr). Launches one block even for n_chunks == 0 (its partial is 0).
+cudaError_t launch_grad_norm_tables(ParamDtype grad_dtype, const int64_t* table, const int64_t* chunks,
+                                    int64_t n_chunks, int64_t chunk_elements, double* partials, int64_t slot_offset,
+                                    int32_t* counter, float* out, const float* grad_scale, double norm_type,
+                                    float max_norm, bool finalize, int64_t* slots_used, cudaStream_t stream);
+
+// The grid size (= partial slots) launch_grad_norm_tables uses for n_chunks chunks on the current device.
+cudaError_t grad_norm_slots(int64_t n_chunks, int64_t* slots);
 
 }  // namespace fused_sched::cuda

@@ -10,7 +10,8 @@
 // op would replay stale host addresses: captured steps must use the cached device tables.
 //
 // Differences from the CPU op (csrc/cpu/optim_cpu.cpp), all because the host reads no device value:
-// * hyper, schedule and schedule_step live on the parameters' device (like the Triton backend's tables);
+// * hyper, schedule and schedule_step live on the parameters' device (like the Triton backend's tables), and so
+//   do grad_scale, found_inf, clip_coef and step_advance, which the kernels read and write on the device;
 // * the checks that need the hyper rows' values (amsgrad needs max_exp_avg_sqs, momentum needs momentum_buffers)
 //   cannot run: an optional state given as an undefined or empty tensor has address 0, and the kernels then run
 //   amsgrad as plain Adam / momentum without a kept buffer. The Python side always passes them when needed.
@@ -112,8 +113,8 @@ int64_t optional_state(const at::Tensor& p, at::TensorList states, const char* w
   return address(states[i]);
 }
 
-// The address table (rows of 8, columns 0-4, 6 and 7 filled here, column 5 by `column5`) and the chunk map, built
-// in one pinned host buffer and copied to the device in one asynchronous copy on the current stream.
+// The address table (rows of kTableColumns, optim_math.h TableColumn, filled by `fill_row`) and the chunk map,
+// built in one pinned host buffer and copied to the device in one asynchronous copy on the current stream.
 struct DeviceTables {
   at::Tensor storage;  // keeps the device buffer alive until the launch is queued (stream-ordered reuse)
   int64_t* table = nullptr;
@@ -127,11 +128,12 @@ DeviceTables upload_tables(at::TensorList params, const at::Device& device, RowF
   const int64_t n = static_cast<int64_t>(params.size());
   int64_t n_chunks = 0;
   for (const at::Tensor& p : params) n_chunks += (p.numel() + kDefaultChunkElements - 1) / kDefaultChunkElements;
-  at::Tensor host = at::empty({n * 8 + n_chunks * 2}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor host =
+      at::empty({n * kTableColumns + n_chunks * 2}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* t = host.data_ptr<int64_t>();
-  int64_t* c = t + n * 8;
+  int64_t* c = t + n * kTableColumns;
   for (int64_t i = 0; i < n; ++i) {
-    fill_row(static_cast<size_t>(i), t + i * 8);
+    fill_row(static_cast<size_t>(i), t + i * kTableColumns);
     const int64_t numel = params[i].numel();
     for (int64_t start = 0; start < numel; start += kDefaultChunkElements) {
       *c++ = i;
@@ -143,7 +145,7 @@ DeviceTables upload_tables(at::TensorList params, const at::Device& device, RowF
   // event so the pinned block is not reused before the copy has run.
   d.storage = host.to(device, at::kLong, /*non_blocking=*/true, /*copy=*/true);
   d.table = d.storage.data_ptr<int64_t>();
-  d.chunks = d.table + n * 8;
+  d.chunks = d.table + n * kTableColumns;
   d.n_rows = n;
   d.n_chunks = n_chunks;
   return d;
@@ -164,10 +166,73 @@ int32_t* ticket_counter(const at::Device& device) {
   return counter.data_ptr<int32_t>();
 }
 
+// A one-element input of the step (grad_scale, found_inf, clip_coef: float32; step_advance: float64) on the
+// bucket's device: its address, or nullptr when absent.
+template <typename T>
+T* step_scalar(const std::optional<at::Tensor>& t, at::ScalarType dtype, const at::Device& device, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == dtype && t->numel() == 1, "fused_sched: ", what,
+              " must be a one-element ", dtype, " tensor on ", device, ", got ", t->scalar_type(), " ", t->sizes(),
+              " on ", t->device());
+  return t->data_ptr<T>();
+}
+
+// The large-model options of a call (csrc/cpu/optim_cpu.h StepOptions), checked like check_options in
+// optim_cpu.cpp: the launchers' pointers and each param's master-copy address (0 for none).
+struct CheckedOptions {
+  StepOptions launch;
+  std::vector<int64_t> masters;
+};
+
+CheckedOptions check_options(at::TensorList params, const at::Device& device,
+                             const std::optional<at::TensorList>& master_params,
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                             const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
+                             at::IntArrayRef param_ids, int64_t sr_seed) {
+  const size_t n = params.size();
+  CheckedOptions o;
+  o.launch.grad_scale = step_scalar<float>(grad_scale, at::kFloat, device, "grad_scale");
+  o.launch.found_inf = step_scalar<float>(found_inf, at::kFloat, device, "found_inf");
+  o.launch.clip_coef = step_scalar<float>(clip_coef, at::kFloat, device, "clip_coef");
+  o.launch.step_advance = step_scalar<double>(step_advance, at::kDouble, device, "step_advance");
+  o.launch.sr_seed = static_cast<uint64_t>(sr_seed);
+  TORCH_CHECK(param_ids.empty() || param_ids.size() == n, "fused_sched: param_ids has ", param_ids.size(),
+              " entries for ", n, " params");
+  o.masters.assign(n, 0);
+  if (master_params.has_value() && !master_params->empty()) {
+    const at::TensorList masters = *master_params;
+    TORCH_CHECK(masters.size() == n, "fused_sched: master_params has ", masters.size(), " entries for ", n,
+                " params");
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& m = masters[i];
+      if (!m.defined() || m.numel() == 0) continue;  // no master copy for this param
+      TORCH_CHECK(params[i].scalar_type() != at::kFloat, "fused_sched: master_params[", i,
+                  "] given for a float32 parameter");
+      check_companion(params[i], m, at::kFloat, "master_params", i);
+      o.masters[i] = address(m);
+    }
+  }
+  return o;
+}
+
+// A call without params launches nothing; like the CPU op it still records in step_advance whether found_inf
+// skipped the step (on the device: the host reads no device value).
+void record_step_advance(const std::optional<at::Tensor>& step_advance, const std::optional<at::Tensor>& found_inf) {
+  if (!step_advance.has_value() || !step_advance->defined()) return;
+  if (found_inf.has_value() && found_inf->defined()) {
+    step_advance->copy_(found_inf->eq(0).reshape(step_advance->sizes()));
+  } else {
+    step_advance->fill_(1.0);
+  }
+}
+
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
                     at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
-                    const std::optional<at::Tensor>& schedule_step) {
+                    const std::optional<at::Tensor>& schedule_step, std::optional<at::TensorList> master_params,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
+                    at::IntArrayRef param_ids, int64_t sr_seed) {
   const size_t n = params.size();
   // Every check runs before anything is queued: a rejected call leaves parameters and state untouched.
   const at::Device device = check_params(params, grads, hyper);
@@ -185,27 +250,40 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(s.device() == device && s.scalar_type() == at::kFloat && s.numel() == 1, "fused_sched: steps[", i,
                 "] must be a one-element float32 tensor on ", device);
   }
-  if (n == 0) return;
-  const ParamDtype dtype = param_dtype(params[0].scalar_type());
+  std::vector<int64_t> max_sqs(n);
+  for (size_t i = 0; i < n; ++i) max_sqs[i] = optional_state(params[i], max_exp_avg_sqs, "max_exp_avg_sqs", i);
+  const CheckedOptions options = check_options(params, device, master_params, grad_scale, found_inf, clip_coef,
+                                               step_advance, param_ids, sr_seed);
   const c10::cuda::CUDAGuard guard(device);
+  if (n == 0) {
+    record_step_advance(step_advance, found_inf);
+    return;
+  }
+  const ParamDtype dtype = param_dtype(params[0].scalar_type());
   DeviceTables d = upload_tables(params, device, [&](size_t i, int64_t* row) {
-    row[0] = address(params[i]);
-    row[1] = address(grads[i]);
-    row[2] = address(exp_avgs[i]);
-    row[3] = address(exp_avg_sqs[i]);
-    row[4] = optional_state(params[i], max_exp_avg_sqs, "max_exp_avg_sqs", i);
-    row[5] = reinterpret_cast<int64_t>(steps[i].data_ptr());
-    row[6] = params[i].numel();
-    row[7] = group_index[i];
+    row[kColParam] = address(params[i]);
+    row[kColGrad] = address(grads[i]);
+    row[kColState0] = address(exp_avgs[i]);
+    row[kColState1] = address(exp_avg_sqs[i]);
+    row[kColState2] = max_sqs[i];
+    row[kColStep] = reinterpret_cast<int64_t>(steps[i].data_ptr());
+    row[kColNumel] = params[i].numel();
+    row[kColGroup] = group_index[i];
+    row[kColMaster] = options.masters[i];
+    row[kColParamId] = param_ids.empty() ? static_cast<int64_t>(i) : param_ids[i];
   });
   C10_CUDA_CHECK(launch_adam_tables(dtype, d.table, d.n_rows, d.chunks, d.n_chunks, kDefaultChunkElements,
                                     hyper.data_ptr<double>(), sched.program, sched.segments, sched.step,
-                                    ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+                                    ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream(),
+                                    options.launch));
 }
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
-                   const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step) {
+                   const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                   std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                   const std::optional<at::Tensor>& step_advance) {
   const size_t n = params.size();
   const at::Device device = check_params(params, grads, hyper);
   check_hyper(hyper, group_index, n, device);
@@ -217,22 +295,31 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   // Check every optional buffer before anything is queued.
   std::vector<int64_t> buffers(n);
   for (size_t i = 0; i < n; ++i) buffers[i] = optional_state(params[i], momentum_buffers, "momentum_buffers", i);
-  if (n == 0) return;
-  const ParamDtype dtype = param_dtype(params[0].scalar_type());
+  // SGD never rounds stochastically: no param ids, no seed.
+  const CheckedOptions options = check_options(params, device, master_params, grad_scale, found_inf, clip_coef,
+                                               step_advance, at::IntArrayRef(), 0);
   const c10::cuda::CUDAGuard guard(device);
+  if (n == 0) {
+    record_step_advance(step_advance, found_inf);
+    return;
+  }
+  const ParamDtype dtype = param_dtype(params[0].scalar_type());
   DeviceTables d = upload_tables(params, device, [&](size_t i, int64_t* row) {
-    row[0] = address(params[i]);
-    row[1] = address(grads[i]);
-    row[2] = buffers[i];
-    row[3] = 0;
-    row[4] = 0;
-    row[5] = fresh_buffers[i] != 0 ? 1 : 0;  // cleared by the kernel's last block
-    row[6] = params[i].numel();
-    row[7] = group_index[i];
+    row[kColParam] = address(params[i]);
+    row[kColGrad] = address(grads[i]);
+    row[kColState0] = buffers[i];
+    row[kColState1] = 0;
+    row[kColState2] = 0;
+    row[kColStep] = fresh_buffers[i] != 0 ? 1 : 0;  // cleared by the kernel's last block (unless found_inf skips)
+    row[kColNumel] = params[i].numel();
+    row[kColGroup] = group_index[i];
+    row[kColMaster] = options.masters[i];
+    row[kColParamId] = static_cast<int64_t>(i);
   });
   C10_CUDA_CHECK(launch_sgd_tables(dtype, d.table, d.n_rows, d.chunks, d.n_chunks, kDefaultChunkElements,
                                    hyper.data_ptr<double>(), sched.program, sched.segments, sched.step,
-                                   ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+                                   ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream(),
+                                   options.launch));
 }
 
 }  // namespace

@@ -80,6 +80,7 @@ _MAXIMIZE = tl.constexpr(2)
 _NESTEROV = tl.constexpr(4)
 _DECOUPLED_WEIGHT_DECAY = tl.constexpr(8)
 _STOCHASTIC_ROUNDING = tl.constexpr(16)
+_LR_FROM_TABLE = tl.constexpr(64)
 
 # Address table layout (optim_math.h TableColumn).
 TABLE_COLUMNS = 10
@@ -244,12 +245,13 @@ def _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE: tl.con
 
 
 @triton.jit
-def _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group):
+def _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group, flags):
     """effective_hyper of optim_cpu.cpp for one group: the values its schedule program sets at the scheduler's
     step replace the table's lr and momentum (Adam: beta1). Every chunk evaluates the program of its own group:
     no launch-wide pass is needed, and the host reads neither the step nor the table."""
     program = schedule_ptr + group * segments * _COLUMNS
     s_lr, lr_set, s_momentum, momentum_set = evaluate_program(program, segments, tl.load(schedule_step_ptr))
+    lr_set = lr_set & ((flags & _LR_FROM_TABLE) == 0)
     return tl.where(lr_set, s_lr, lr), tl.where(momentum_set, s_momentum, momentum)
 
 
@@ -283,7 +285,8 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         lr = tl.load(h + 0)
         beta1 = tl.load(h + 1)
         if HAS_SCHEDULE:
-            lr, beta1 = _scheduled(lr, beta1, schedule_ptr, segments, schedule_step_ptr, group)
+            lr, beta1 = _scheduled(lr, beta1, schedule_ptr, segments, schedule_step_ptr, group,
+                                   tl.load(h + 7).to(tl.int32))
         beta2 = tl.load(h + 2)
         eps = tl.load(h + 3).to(tl.float32)
         wd = tl.load(h + 4)
@@ -379,7 +382,8 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         wd = tl.load(h + 4)
         momentum = tl.load(h + 5)
         if HAS_SCHEDULE:
-            lr, momentum = _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group)
+            lr, momentum = _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group,
+                                      tl.load(h + 7).to(tl.int32))
         flags = tl.load(h + 7).to(tl.int32)
         neg_lr = (lr * -1.0).to(tl.float32)
         weight_decay = wd.to(tl.float32)

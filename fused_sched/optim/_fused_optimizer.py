@@ -368,12 +368,12 @@ class FusedOptimizer(Optimizer):
         return out[0], {device: out[1:2]}
 
     def _device_values(self, table: torch.Tensor) -> None:
-        """Copy the learning rates held in accelerator tensors into `table` on the device: device-to-device,
-        no sync, and captured by a CUDA graph like the kernel (torch's fused optimizers read a tensor lr the same
-        way)."""
+        """Copy the learning rates held in tensors into `table` with tensor operations: on an accelerator
+        device-to-device, no sync, and captured by a CUDA graph like the kernel (torch's fused optimizers read a
+        tensor lr the same way); under torch.compile a traced copy, so a changing lr never recompiles."""
         for g, group in enumerate(self.param_groups):
             lr = group["lr"]
-            if _hyper.is_device_tensor(lr):
+            if isinstance(lr, torch.Tensor):
                 table[g, _hyper.LR].copy_(lr.reshape(()), non_blocking=True)
 
     # -- plan ----------------------------------------------------------------------------------------------
@@ -387,10 +387,17 @@ class FusedOptimizer(Optimizer):
             # The kernels take these values from the schedule programs: the host copies that the scheduler keeps
             # in the param groups must not cause a table upload at every step.
             momentum_column = self._momentum_column()
+            # Under torch.compile the comparison would make Dynamo guard on every new lr value (a recompilation per
+            # scheduler step): a compiled step always follows the program.
+            host_lrs = None if torch.compiler.is_compiling() else binding.host_lrs
             for g, row in enumerate(rows):
                 if binding.lr_groups[g] or binding.momentum_groups[g]:
                     row = list(row)
-                    if binding.lr_groups[g]:
+                    lr = self.param_groups[g]["lr"]
+                    if host_lrs is not None and not (lr is host_lrs[g] or _same_value(lr, host_lrs[g])):
+                        # Written by hand since the scheduler's last step: that lr holds, as it would in torch.
+                        row[_hyper.FLAGS] = float(int(row[_hyper.FLAGS]) | _hyper.LR_FROM_TABLE)
+                    elif binding.lr_groups[g]:
                         row[_hyper.LR] = 0.0
                     if binding.momentum_groups[g]:
                         row[momentum_column] = 0.0
@@ -558,6 +565,13 @@ def _dtensor_class():
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose memory a kernel updates: a DTensor's local shard, any other tensor itself."""
     return t._local_tensor if _is_dtensor(t) else t
+
+
+def _same_value(a, b) -> bool:
+    """An lr compared with the one the scheduler left (floats or one-element tensors; never a device read)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return a == b
 
 
 def _shard_groups(params: list) -> list:
