@@ -171,3 +171,69 @@ def test_cuda_graph_replays_the_schedule_on_the_device():
     torch.cuda.synchronize()
     for a, b in zip(graphed, eager, strict=True):
         assert torch.equal(a.detach(), b.detach())
+
+
+# -- large-model features on the GPU (tests/test_large_model.py runs them on the CPU and under the interpreter) --
+def test_grad_scaler_clip_and_schedule_without_a_sync():
+    """scaler.scale(loss).backward(); scaler.step(opt); scaler.update(); sched.step() with fused clipping, master
+    weights and a device schedule: no host-device sync anywhere in the loop."""
+    model = _model().to(torch.bfloat16)
+    opt = fused_sched.AdamW(model.parameters(), lr=1e-3, master_weights=True, max_grad_norm=1.0, backend="triton")
+    sched = fused_sched.get_cosine_schedule_with_warmup(opt, 10, 100)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+
+    def train_step():
+        scaler.scale(model(x).float().square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad()
+
+    train_step()  # builds the plan, compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sched.last_epoch == 21
+
+
+def test_clip_and_update_are_two_launches():
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (10, 1000, 100000)]
+    opt = fused_sched.AdamW(params, max_grad_norm=1.0, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            opt.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "Memcpy" not in e.name]
+    assert sorted(set(kernels)) == ["adam_kernel", "grad_norm_kernel"], kernels
+    assert len(kernels) == 2 * 5, kernels
+
+
+@pytest.mark.parametrize("kwargs", [{"master_weights": True}, {"stochastic_rounding": True},
+                                    {"max_grad_norm": 5.0}], ids=str)
+def test_gpu_kernels_equal_the_cpu_kernels_bit_for_bit(kwargs):
+    """The Triton kernels on the GPU and the C++ CPU kernels share their math to the bit: master copies, the
+    stochastic rounding stream, the clip (2-norm: float64 sums of float32 squares, differently ordered, agree here
+    because the coefficient is computed from a float64 total rounded once)."""
+    results = []
+    for device, backend in (("cpu", "cpu"), ("cuda", "triton")):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16).to(device)) for n in (7, 5000, 70001)]
+        opt = fused_sched.AdamW(params, lr=1e-2, backend=backend, **kwargs)
+        for step in range(5):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype)
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -347,41 +347,6 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   });
 }
 
-namespace {
-// One chunk's contribution to the norm: |x|^p summed (or the maximum of |x|) in float64 over eight independent
-// lanes, which the compiler can vectorize without reassociating a sum. |x|^2 and |x| are formed in float32 like
-// torch's norm kernels; a general p is raised in float64.
-template <typename scalar_t>
-double norm_chunk(const scalar_t* g, int64_t begin, int64_t end, double norm_type, float scale) {
-  constexpr int kLanes = 8;
-  const bool inf_norm = std::isinf(norm_type);
-  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  bool nan = false;
-  auto value = [&](int64_t i) { return std::fabs(static_cast<float>(g[i]) / scale); };
-  auto term = [&](float a) -> double {
-    if (norm_type == 2.0) return static_cast<double>(a * a);
-    if (norm_type == 1.0) return static_cast<double>(a);
-    return std::pow(static_cast<double>(a), norm_type);
-  };
-  int64_t i = begin;
-  if (inf_norm) {
-    for (; i < end; ++i) {
-      const float a = value(i);
-      nan |= std::isnan(a);
-      lanes[0] = std::max(lanes[0], static_cast<double>(a));
-    }
-    return nan ? NAN : lanes[0];
-  }
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) lanes[k] += term(value(i + k));
-  }
-  for (; i < end; ++i) lanes[0] += term(value(i));
-  double sum = 0.0;
-  for (double l : lanes) sum += l;
-  return sum;
-}
-}  // namespace
-
 double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double grad_scale) {
   TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
   std::vector<Chunk> chunks;
@@ -395,20 +360,16 @@ double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double g
   }
   const bool inf_norm = std::isinf(norm_type);
   const float scale = static_cast<float>(grad_scale);
+  const bool divide = grad_scale != 1.0;  // x / 1 == x: skipping the division changes no bit
+  const KernelTable* k = active_kernels();
   // One partial per chunk, combined in chunk order: the result does not depend on the thread count.
   std::vector<double> partial(chunks.size(), 0.0);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const Chunk& ch = chunks[c];
       const at::Tensor& g = grads[ch.tensor];
-      switch (g.scalar_type()) {
-        case at::kFloat: partial[c] = norm_chunk(g.data_ptr<float>(), ch.begin, ch.end, norm_type, scale); break;
-        case at::kBFloat16:
-          partial[c] = norm_chunk(g.data_ptr<at::BFloat16>(), ch.begin, ch.end, norm_type, scale);
-          break;
-        case at::kHalf: partial[c] = norm_chunk(g.data_ptr<at::Half>(), ch.begin, ch.end, norm_type, scale); break;
-        default: TORCH_CHECK(false, "fused_sched: gradients must be float32, bfloat16 or float16");
-      }
+      partial[c] = k->grad_norm(param_type(g.scalar_type()), g.data_ptr(), ch.begin, ch.end, norm_type, scale,
+                                divide);
     }
   });
   double total = 0.0;

@@ -49,10 +49,17 @@ struct Chunk {
 using ChunksFn = void (*)(ParamType, const TensorSlot*, const Chunk*, const StepExtras&, int64_t first,
                           int64_t last);
 
+// The norm pass of a fused clip over elements [begin, end) of one gradient: the sum of |g / scale|^norm_type
+// (finite norm_type; squares and magnitudes formed in float32, summed in float64) or the maximum of |g / scale|
+// (infinite), NaN propagating. divide = false: no scale.
+using NormFn = double (*)(ParamType, const void* grad, int64_t begin, int64_t end, double norm_type, float scale,
+                          bool divide);
+
 struct KernelTable {
   const char* name;
   ChunksFn adam_chunks;
   ChunksFn sgd_chunks;
+  NormFn grad_norm;
 };
 
 // One per capability; `nullptr`-returning where the capability is not compiled for this target.

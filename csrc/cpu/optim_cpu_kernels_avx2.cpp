@@ -35,7 +35,7 @@
 
 namespace fused_sched::cpu {
 const KernelTable* kernels_avx2() {
-  static const KernelTable table{"avx2", &AVX2::adam_chunks, &AVX2::sgd_chunks};
+  static const KernelTable table{"avx2", &AVX2::adam_chunks, &AVX2::sgd_chunks, &AVX2::grad_norm};
   return &table;
 }
 }  // namespace fused_sched::cpu

@@ -37,7 +37,7 @@
 
 namespace fused_sched::cpu {
 const KernelTable* kernels_avx512() {
-  static const KernelTable table{"avx512", &AVX512::adam_chunks, &AVX512::sgd_chunks};
+  static const KernelTable table{"avx512", &AVX512::adam_chunks, &AVX512::sgd_chunks, &AVX512::grad_norm};
   return &table;
 }
 }  // namespace fused_sched::cpu

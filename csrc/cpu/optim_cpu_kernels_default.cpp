@@ -6,7 +6,7 @@
 
 namespace fused_sched::cpu {
 const KernelTable* kernels_default() {
-  static const KernelTable table{"default", &CPU_CAPABILITY::adam_chunks, &CPU_CAPABILITY::sgd_chunks};
+  static const KernelTable table{"default", &CPU_CAPABILITY::adam_chunks, &CPU_CAPABILITY::sgd_chunks, &CPU_CAPABILITY::grad_norm};
   return &table;
 }
 }  // namespace fused_sched::cpu
