@@ -38,6 +38,9 @@ echo "== tests ($SECONDS s so far)" | tee -a "$log"
 python -m pytest tests -q -rs --junitxml="$dest/gpu-tests-$stamp.xml" 2>&1 | tee -a "$log"
 tests_rc=${PIPESTATUS[0]}
 
+echo "== large-model recipes ($SECONDS s so far)" | tee -a "$log"
+python -m bench.bench_large_model --out "$dest" 2>&1 | tee -a "$log"
+
 budget=${GPU_CHECK_BUDGET_S:-570}
 limit=$((budget - SECONDS - 30))
 [ "$limit" -lt 180 ] && limit=180
