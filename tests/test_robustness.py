@@ -250,3 +250,48 @@ def test_property_parity_with_torch_under_a_schedule(shapes, name, schedule, ste
         ref_sched.step()
     compare(opt, ref, ours, theirs)
     assert sched.get_last_lr() == ref_sched.get_last_lr()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=_shapes,
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    name=st.sampled_from(["AdamW", "SGD"]),
+    lr=st.floats(1e-4, 0.1),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
+    master=st.booleans(),
+    steps=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_property_low_precision_parity(shapes, dtype, name, lr, weight_decay, master, steps, seed):
+    """bfloat16 / float16 parameters against torch.optim run in float32 on the same values: with master weights
+    the master copy follows torch's float32 parameters; without, torch's float32 parameter rounded to the
+    parameter dtype after every step (fused_sched's float32 states, float32 arithmetic and one rounding of the
+    parameter per step). The float32 computations agree to a few ulps, so a rounding to the low-precision dtype can
+    fall on the other side of a tie: at most one ulp of the dtype apart."""
+    torch.manual_seed(seed)
+    kwargs = {"lr": lr, "weight_decay": weight_decay}
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    base = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    ours = clone_leaves(base)
+    theirs = [p.detach().float().requires_grad_(True) for p in base]
+    opt = FUSED[name](ours, **kwargs, master_weights=master, backend="cpu")
+    ref = TORCH[name](theirs, **kwargs, foreach=False)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, dtype=torch.float64).to(dtype) for p in base]
+        set_grads(ours, grads)
+        set_grads(theirs, [g.float() for g in grads])
+        opt.step()
+        ref.step()
+        if not master:
+            with torch.no_grad():
+                for p in theirs:
+                    p.copy_(p.to(dtype).float())
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # relative spacing of the dtype's values
+    for p, r in zip(ours, theirs, strict=True):
+        if master:
+            torch.testing.assert_close(opt.state[p]["master_param"], r.detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(p.detach(), opt.state[p]["master_param"].to(dtype))
+        else:
+            torch.testing.assert_close(p.detach().float(), r.detach(), rtol=ulp, atol=1e-6)
