@@ -237,3 +237,28 @@ def test_gpu_kernels_equal_the_cpu_kernels_bit_for_bit(kwargs):
         results.append([p.detach().cpu() for p in params])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_model_moved_to_the_gpu_after_the_optimizer_was_built():
+    """model.cuda() after the optimizer was built (the parameters keep their identity, their data moves), and
+    again between steps after a .half()-free round trip: each step gives torch's result."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    theirs = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    theirs.load_state_dict(ours.state_dict())
+    opt = fused_sched.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.1)
+    ours.cuda()
+    theirs.cuda()
+    ref = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x = torch.randn(8, 16, generator=gen).cuda()
+        for model, o in ((ours, opt), (theirs, ref)):
+            model(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+        if step == 2:  # moved away and back: new storage, same Parameter objects; the states stay on the GPU
+            for model in (ours, theirs):
+                model.cpu().cuda()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
