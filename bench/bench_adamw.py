@@ -13,7 +13,6 @@ record (device, versions, commit, date, every number) is appended under bench/re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import torch
 
 import fused_sched
 
-from .measure import quantile
+from .measure import quantile, write_record
 from .measure import sync as _sync
 from .shapes import gpt2_124m, many_small
 from .suite import environment
@@ -159,11 +158,7 @@ def main(argv=None):
     for case in args.case or list(CASES):
         rows += run_case(case, device, args.steps)
     print_table(rows)
-    os.makedirs(args.out, exist_ok=True)
-    stamp = env["date"].replace(":", "").replace("-", "")
-    path = os.path.join(args.out, f"adamw-{device.type}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump({"benchmark": "adamw", **env, "rows": rows}, f, indent=1)
+    path = write_record(args.out, "adamw", device, {"benchmark": "adamw", **env, "rows": rows})
     print(f"results written to {os.path.relpath(path)}", file=sys.stderr)
     return rows
 

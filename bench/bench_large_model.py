@@ -24,7 +24,6 @@ date) under bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import torch
 import fused_sched
 
 from .impls import hf_cosine
-from .measure import quantile
+from .measure import quantile, write_record
 from .measure import sync as _sync
 from .shapes import gpt2_124m
 from .suite import environment
@@ -45,10 +44,14 @@ MAX_NORM = 1.0
 RECIPES = ("clip", "amp", "master")
 
 
+CASES = {"gpt2-124m": gpt2_124m, "tiny": lambda: [(64, 32), (32,), (7,)]}  # tiny: smoke tests
+SHAPES = {"case": "gpt2-124m"}
+
+
 def _params(device, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in gpt2_124m()]
-    return params
+    shapes = CASES[SHAPES["case"]]()
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes]
 
 
 def _grads(params, seed=1):
@@ -58,6 +61,25 @@ def _grads(params, seed=1):
 
 def _fused_backend(device) -> str:
     return "cpu" if device.type == "cpu" else "triton"
+
+
+def _fused_sched(device, dtype, **kwargs):
+    """fused_sched.AdamW with these options and its device cosine schedule; the gradients set, then the phase."""
+
+    def build():
+        params = _params(device, dtype)
+        grads = _grads(params)
+        opt = fused_sched.AdamW(params, lr=LR, backend=_fused_backend(device), **kwargs)
+        sched = fused_sched.get_cosine_schedule_with_warmup(opt, 100, 10_000)
+
+        def phase():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            opt.step()
+            sched.step()
+
+        return phase
+    return build
 
 
 def clip_recipe(device):
@@ -80,23 +102,9 @@ def clip_recipe(device):
             return phase
         return build
 
-    def fused_impl():
-        params = _params(device, torch.float32)
-        grads = _grads(params)
-        opt = fused_sched.AdamW(params, lr=LR, max_grad_norm=MAX_NORM, backend=_fused_backend(device))
-        sched = fused_sched.get_cosine_schedule_with_warmup(opt, 100, 10_000)
-
-        def phase():
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-            opt.step()
-            sched.step()
-
-        return phase
-
     return {"torch fused + clip_grad_norm_": torch_impl("fused"),
             "torch foreach + clip_grad_norm_": torch_impl("foreach"),
-            "fused_sched max_grad_norm": fused_impl}
+            "fused_sched max_grad_norm": _fused_sched(device, torch.float32, max_grad_norm=MAX_NORM)}
 
 
 def amp_recipe(device):
@@ -157,27 +165,11 @@ def master_recipe(device):
             return phase
         return build
 
-    def fused_impl(**kwargs):
-        def build():
-            params = _params(device, torch.bfloat16)
-            grads = _grads(params)
-            opt = fused_sched.AdamW(params, lr=LR, backend=_fused_backend(device), **kwargs)
-            sched = fused_sched.get_cosine_schedule_with_warmup(opt, 100, 10_000)
-
-            def phase():
-                for p, g in zip(params, grads, strict=True):
-                    p.grad = g
-                opt.step()
-                sched.step()
-
-            return phase
-        return build
-
     return {"torch fused on fp32 masters + copies": torch_impl("fused"),
             "torch foreach on fp32 masters + copies": torch_impl("foreach"),
-            "fused_sched master_weights": fused_impl(master_weights=True),
-            "fused_sched stochastic_rounding": fused_impl(stochastic_rounding=True),
-            "fused_sched plain bf16": fused_impl()}
+            "fused_sched master_weights": _fused_sched(device, torch.bfloat16, master_weights=True),
+            "fused_sched stochastic_rounding": _fused_sched(device, torch.bfloat16, stochastic_rounding=True),
+            "fused_sched plain bf16": _fused_sched(device, torch.bfloat16)}
 
 
 BUILDERS = {"clip": clip_recipe, "amp": amp_recipe, "master": master_recipe}
@@ -219,23 +211,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", action="append", choices=RECIPES, help="recipe(s) to run (default: all)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds per recipe")
+    parser.add_argument("--case", choices=sorted(CASES), default="gpt2-124m", help="parameter shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="folder that receives the JSON record")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    SHAPES["case"] = args.case
     env = environment(device)
-    print(f"# large-model recipes, GPT-2 124M shapes, on {env['device']} - torch {env['torch']}, "
+    print(f"# large-model recipes, {args.case} shapes, on {env['device']} - torch {env['torch']}, "
           f"commit {env['commit'][:10]}")
     rows = []
     for recipe in args.recipe or RECIPES:
         rows += run_recipe(recipe, device, args.steps)
     print_table(rows)
-    os.makedirs(args.out, exist_ok=True)
-    stamp = env["date"].replace(":", "").replace("-", "")
-    path = os.path.join(args.out, f"large-model-{device.type}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump({"benchmark": "large-model", **env, "rows": rows}, f, indent=1)
+    record = {"benchmark": "large-model", "case": args.case, **env, "rows": rows}
+    path = write_record(args.out, "large-model", device, record)
     print(f"results written to {os.path.relpath(path)}", file=sys.stderr)
     return rows
 

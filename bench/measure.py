@@ -223,3 +223,17 @@ def peak_extra_bytes(phase, device: torch.device) -> tuple[int | None, str]:
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated delta"
     return profile_phase(phase, device, steps=1)["cpu_allocator_peak"], "c10 allocator peak (profiler memory events)"
+
+
+def write_record(out_dir: str, prefix: str, device: torch.device, record: dict) -> str:
+    """Writes `record` (which carries the environment's "date") as JSON to out_dir/<prefix>-<device>-<date>.json
+    and returns the path."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = record["date"].replace(":", "").replace("-", "")
+    path = os.path.join(out_dir, f"{prefix}-{device.type}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path

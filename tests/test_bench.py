@@ -125,3 +125,15 @@ def test_launch_count_keeps_kernels_and_copies_and_drops_annotations():
               _FakeKinetoEvent("Optimizer.step#AdamW.step", "gpu_user_annotation"),
               _FakeKinetoEvent("cudaLaunchKernel", "cuda_runtime"), _FakeKinetoEvent("aten::add_", "cpu_op")]
     assert device_activities(events) == {"kernels": 1, "memcpy": 1, "memset": 1, "runtime_launch_calls": 1}
+
+
+def test_large_model_recipes_run_and_record(tmp_path, capsys):
+    from bench import bench_large_model
+
+    rows = bench_large_model.main(["--case", "tiny", "--steps", "2", "--out", str(tmp_path)])
+    assert {r["recipe"] for r in rows} == {"clip", "amp", "master"}
+    assert all(r["median_ms"] > 0 and r["speedup_vs_torch_fused"] > 0 for r in rows)
+    assert [r["impl"] for r in rows if r["recipe"] == "clip"][0].startswith("torch fused")
+    record = json.loads(next(tmp_path.glob("large-model-*.json")).read_text())
+    assert record["case"] == "tiny" and record["rows"] == rows and record["commit"]
+    assert "| clip | fused_sched max_grad_norm |" in capsys.readouterr().out
