@@ -66,11 +66,17 @@ class ScheduleBinding:
         return counter
 
     def advance(self, optimizer=None) -> None:
-        """One scheduler step: + the optimizer's step_advance flag (1, or 0 after a step found_inf skipped);
-        + 1 without an optimizer."""
+        """One scheduler step. Once a GradScaler has handed the optimizer a found_inf: + the optimizer's
+        step_advance flag (1 when an optimizer step ran since the last scheduler step, 0 when every one since was
+        skipped), which is then cleared; otherwise (or without an optimizer) + 1."""
         self.step += 1
         for device, counter in self.counters.items():
-            counter.add_(1.0 if optimizer is None else optimizer._step_advance(device))
+            if optimizer is not None and optimizer._amp_seen:
+                flag = optimizer._step_advance(device)
+                counter.add_(flag)
+                flag.zero_()
+            else:
+                counter.add_(1.0)
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
@@ -100,6 +106,13 @@ def _check_covers_every_step(program: Program, target: int, group: int) -> None:
     if reach != math.inf:
         raise ValueError(f"internal error: the schedule program of param group {group} leaves target {target} unset "
                          f"from step {reach}")
+
+
+def same_lr(a, b) -> bool:
+    """An lr compared with the one a scheduler left (floats, or the same tensor object; never a device read)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
 
 
 def host_mode_programs(lrs: list[float]) -> list[Program]:
@@ -148,6 +161,15 @@ class DeviceScheduleMixin:
             opt._detach_schedule(self._binding)
         self._binding = None
 
+    def _lr_written_by_hand(self) -> bool:
+        """Whether a param group's lr differs from what this (attached, device-mode) scheduler last left there:
+        written by hand, by another scheduler, or by torch.distributed.checkpoint's state initialization."""
+        binding, opt = self._binding, self._fused_optimizer()
+        if (binding is None or opt is None or opt._schedule is not binding or binding.host_lrs is None
+                or getattr(self, "_host_mode", False)):
+            return False
+        return any(not same_lr(g["lr"], h) for g, h in zip(opt.param_groups, binding.host_lrs, strict=True))
+
     def _record_host_lrs(self) -> None:
         binding, opt = self._binding, self._fused_optimizer()
         if binding is not None and opt is not None:
@@ -180,8 +202,11 @@ class DeviceScheduleMixin:
         device_step = int(next(iter(binding.counters.values())).item())
         if device_step >= binding.step:
             return
-        binding.step = device_step
         self._rewind_host(device_step)
+        if self.last_epoch == device_step:
+            binding.step = device_step
+        # else: a class whose last_epoch cannot be set (ChainedScheduler: its children's) keeps counting host steps
+        # there; its reported lrs are the device's, and the next call compares again.
 
     def _rewind_host(self, step: int) -> None:
         """Make the host state that of a scheduler stepped `step` times: last_epoch, and the lr (and momentum) of

@@ -132,10 +132,17 @@ class _DeviceSchedule(DeviceScheduleMixin):
     def step(self, epoch: int | None = None) -> None:
         """torch's host step, then the device counter (or the host-mode constants) follows. (SequentialLR and
         ChainedScheduler take no epoch in torch: it is passed on only when given.)"""
+        # An lr written into a group since this scheduler's last step (by hand, by another scheduler stepping the
+        # same optimizer): torch's recursive step continues from it, so the programs are re-anchored on the new
+        # host values after the step (a rebind: a table upload, no sync).
+        rebind = self._lr_written_by_hand()
         if epoch is None:
             super().step()
         else:
             super().step(epoch)
+        if rebind:
+            self._bind()
+            return
         self._after_step(epoch)
 
     def _lr_programs(self, bases: list, closed_entry: bool = False) -> list[Program] | None:
@@ -853,4 +860,5 @@ class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
             group["lr"] = lr
         self._last_lr = list(lrs)
         self._binding.host[:, 0, P0] = torch.tensor(lrs, dtype=torch.float64)
+        self._record_host_lrs()  # the lrs the device decided, not lrs written by hand
         state["pending"] = False

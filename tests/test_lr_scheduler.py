@@ -712,8 +712,59 @@ def test_lr_written_by_hand_holds_until_the_next_scheduler_step():
         step(hand_lr)
         sched.step()
         ref_sched.step()
+    # Written by hand and kept: torch's recursive steps continue from it, and so do the kernels.
+    opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.5
+    for _ in range(3):
+        step()
+        sched.step()
+        ref_sched.step()
+        assert sched.get_last_lr() == pytest.approx(ref_sched.get_last_lr(), rel=1e-12)
     frozen = ours.detach().clone()
     opt.param_groups[0]["lr"] = 0.0  # and a zero lr with AdamW's weight decay moves nothing
     ours.grad = torch.zeros(64)
     opt.step()
     assert torch.equal(ours.detach(), frozen)
+
+
+def _applied_lrs(opt, p, steps, schedulers):
+    """The lr each step applies to a weight with gradient 1 and no decay (SGD)."""
+    lrs = []
+    for _ in range(steps):
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        lrs.append(float(before[0] - p.detach()[0]))
+        for s in schedulers:
+            s.step()
+    return lrs
+
+
+def test_two_schedulers_stepping_one_optimizer_like_torch():
+    """torch's chaining pattern: two schedulers step the same optimizer; each step's lr is what torch applies."""
+    applied = []
+    for opt_class, module in ((torch.optim.SGD, T), (fused_sched.SGD, F)):
+        p = torch.zeros(2, requires_grad=True)
+        opt = opt_class([p], lr=1.0)
+        first = module.LinearLR(opt, start_factor=0.25, total_iters=3)
+        second = module.ExponentialLR(opt, gamma=0.5)
+        applied.append(_applied_lrs(opt, p, 6, [first, second]))
+    assert applied[1] == pytest.approx(applied[0], rel=1e-6)
+
+
+def test_plateau_keeps_reducing_after_its_state_was_read():
+    """A tensor metric is decided on the device; reading get_last_lr() / state_dict() in between brings the host
+    copies up to date and must not freeze the device's later reductions."""
+    applied = []
+    for opt_class, module in ((torch.optim.SGD, T), (fused_sched.SGD, F)):
+        p = torch.zeros(2, requires_grad=True)
+        opt = opt_class([p], lr=1.0)
+        sched = module.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+        lrs = []
+        for epoch in range(6):
+            lrs += _applied_lrs(opt, p, 1, [])
+            sched.step(torch.tensor(1.0))
+            if epoch == 1:
+                sched.get_last_lr()
+                sched.state_dict()
+        applied.append(lrs)
+    assert applied[1] == pytest.approx(applied[0], rel=1e-6)

@@ -217,10 +217,11 @@ StepExtras check_options(const StepOptions& o, at::TensorList params, bool check
   return e;
 }
 
-// After every check: a step that found_inf skips changes nothing; step_advance records whether it ran.
+// After every check: a step that found_inf skips changes nothing; a step that runs sets step_advance to 1 ("a step
+// ran since the bound scheduler last cleared it").
 bool skip_step(const StepOptions& o) {
   const bool skip = scalar_or<float>(o.found_inf, 0.0f) != 0.0f;
-  if (o.step_advance.has_value() && o.step_advance->defined()) *o.step_advance->data_ptr<double>() = skip ? 0.0 : 1.0;
+  if (!skip && o.step_advance.has_value() && o.step_advance->defined()) *o.step_advance->data_ptr<double>() = 1.0;
   return skip;
 }
 

@@ -27,8 +27,9 @@ const KernelTable* find_kernels(const std::string& name);
 // * grad_scale / found_inf (float32, one element; torch.amp.GradScaler's): gradients are divided by grad_scale;
 //   when found_inf != 0 the call changes nothing at all (params, states, steps) and writes 0 to step_advance.
 // * clip_coef (float32, one element): gradients are multiplied by it (a fused clip_grad_norm_).
-// * step_advance (float64, one element, written): 1 when the step ran, 0 when found_inf skipped it; a device
-//   scheduler adds it to its step counter, so a skipped step does not advance the schedule either.
+// * step_advance (float64, one element): set to 1 by a step that runs, left alone by one that found_inf skips; a
+//   device scheduler adds it to its step counter and clears it, so its step advances only when an optimizer step
+//   ran since its last one (a skipped step holds a per-step schedule back, not a per-epoch one).
 // * param_ids / sr_seed: stochastic rounding of bfloat16 params without a master copy (hyper flag
 //   kStochasticRounding) draws its bits from (sr_seed, step, param id, element index); param_ids empty: the index
 //   in the call.

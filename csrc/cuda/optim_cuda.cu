@@ -261,7 +261,9 @@ __device__ __forceinline__ void finish(const KernelArgs& a, bool skipped) {
     }
   }
   if (threadIdx.x == 0) {
-    if (a.step_advance != nullptr) *a.step_advance = skipped ? 0.0 : 1.0;
+    // "A step ran since the schedulers last looked": set by a step that ran, left alone by a skipped one (the
+    // bound scheduler clears it when it consumes it).
+    if (a.step_advance != nullptr && !skipped) *a.step_advance = 1.0;
     *a.counter = 0;
   }
 }

@@ -32,8 +32,9 @@ Design
 
 * Large-model inputs (optional pointers, compiled in by constexpr flags): GradScaler's ``grad_scale`` (gradients
   are divided by it) and ``found_inf`` (when set, no program touches anything and the steps do not advance), a
-  fused clip's ``clip_coef`` (gradients are multiplied by it), and ``step_advance`` (float64, written by the last
-  program: 0 when found_inf skipped the step, else 1) which device schedulers add to their counters.
+  fused clip's ``clip_coef`` (gradients are multiplied by it), and ``step_advance`` (float64, set to 1 by the last
+  program of a step that ran, left alone by a skipped one) which the bound device scheduler adds to its counter
+  and clears.
 * Norm pass (``grad_norm_kernel``): every program accumulates |g|^p (or max |g|) of its chunks in float64 into its
   slot of a partials buffer; the launch marked FINALIZE has its last program combine every slot in order
   (deterministic), and write the total norm and torch's clip coefficient (optim_math.h ``total_norm_from``,
@@ -184,7 +185,9 @@ def _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, IS_ADAM: 
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, skipped, IS_ADAM, ROW_BLOCK)
-        tl.store(step_advance_ptr, tl.where(skipped, 0.0, 1.0).to(tl.float64))
+        # "A step ran since the bound scheduler last cleared the flag": left alone by a skipped step.
+        if not skipped:
+            tl.store(step_advance_ptr, tl.full([], 1.0, tl.float64))
 
 
 @triton.jit
@@ -200,7 +203,9 @@ def _mix32(x):
 
 @triton.jit
 def _rounding_key(seed_lo, seed_hi, step, param_id):
-    """optim_math.h rounding_key: the per-tensor key of one step (uint32 scalars in, uint32 out)."""
+    """optim_math.h rounding_key: the per-tensor key of one step (seed halves as int32, the rest uint32)."""
+    seed_lo = seed_lo.to(tl.int32).to(tl.uint32, bitcast=True)
+    seed_hi = seed_hi.to(tl.int32).to(tl.uint32, bitcast=True)
     k = _mix32(seed_lo ^ _mix32(seed_hi))
     k = _mix32(k ^ step)
     return _mix32(k ^ param_id)
@@ -440,6 +445,15 @@ def _check_schedule(schedule, schedule_step, hyper):
         raise ValueError(f"schedule_step must be a one-element float64 tensor on {hyper.device}")
 
 
+def _seed_halves(seed: int) -> tuple[int, int]:
+    """The 64-bit seed as two int32 arguments (the kernels bitcast them to uint32): a Python int of 2**31 or more
+    would be typed int64 by Triton and hashed in 64-bit arithmetic."""
+    def signed(x):
+        return x - (1 << 32) if x >= 1 << 31 else x
+
+    return signed(seed & 0xFFFFFFFF), signed((seed >> 32) & 0xFFFFFFFF)
+
+
 def _check_step_scalar(t, name, dtype, device):
     if t is not None and (t.dtype != dtype or t.numel() != 1 or t.device != device):
         raise ValueError(f"{name} must be a one-element {dtype} tensor on {device}, got {t.dtype} "
@@ -468,7 +482,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
     kernel[grid](
         table, chunks, hyper, counter, n_rows, n_chunks,
         schedule, 0 if schedule is None else schedule.shape[1], schedule_step,
-        grad_scale, found_inf, clip_coef, step_advance, sr_seed & 0xFFFFFFFF, (sr_seed >> 32) & 0xFFFFFFFF,
+        grad_scale, found_inf, clip_coef, step_advance, *_seed_halves(sr_seed),
         PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, ROW_BLOCK=_ROW_BLOCK,
         HAS_SCHEDULE=schedule is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         HAS_CLIP=clip_coef is not None,
