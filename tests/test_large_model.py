@@ -299,6 +299,32 @@ def test_grad_scaler_matches_torch(backend, device, name):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("clip", [False, True])
+def test_gradients_after_the_step_are_unscaled_and_clipped_like_torch(backend, device, clip):
+    """torch's fused optimizers leave GradScaler's gradients unscaled after the step (the unscale_ path leaves them
+    so too) and clip_grad_norm_ leaves them clipped: so does fused_sched (max_grad_norm: the norm of the unscaled
+    gradients)."""
+    base = make_params(SHAPES, dtype=torch.bfloat16, device=device)
+    ours, theirs = clone_leaves(base), clone_leaves(base)
+    opt = fused_sched.AdamW(ours, lr=1e-2, backend=backend, max_grad_norm=5.0 if clip else None)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for step in range(3):
+        grads = _grads(base, step, scale=256.0)
+        _set(ours, grads)
+        _set(theirs, [g.float().mul(1 / 256.0).to(g.dtype) for g in grads])  # what the scaler's unscale_ leaves
+        if clip:
+            torch.nn.utils.clip_grad_norm_(theirs, 5.0, foreach=False)
+        opt.grad_scale = torch.full((1,), 256.0, device=device)
+        opt.found_inf = torch.zeros(1, device=device)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        ref.step()
+        for a, b in zip(ours, theirs, strict=True):
+            # bf16 gradients: the clip coefficients agree to float32 rounding, the products round to bf16.
+            torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_sgd_buffers_created_by_a_skipped_step_start_fresh(backend, device):
     base = make_params(SHAPES, device=device)
     ours, theirs = clone_leaves(base), clone_leaves(base)

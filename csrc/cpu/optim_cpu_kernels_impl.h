@@ -148,7 +148,10 @@ void adam_range(const TensorSlot& t, const AdamCoeffs<float>& c, const GradPresc
   constexpr int64_t V = IO::kVectors;
   constexpr int64_t F = FVec::size();
   const ParamAccess<scalar_t> param(t);
-  const auto* g = static_cast<const scalar_t*>(t.grad);
+  // The prescaled gradient is written back (unscaled by GradScaler's scale, clipped), as torch's fused kernels
+  // and torch.nn.utils.clip_grad_norm_ leave it.
+  auto* g = static_cast<scalar_t*>(const_cast<void*>(t.grad));
+  const bool write_grad = pre.divide || pre.multiply;
   float* m = t.state0;
   float* v = t.state1;
   float* vmax = t.state2;
@@ -160,11 +163,13 @@ void adam_range(const TensorSlot& t, const AdamCoeffs<float>& c, const GradPresc
     FVec pv[V], gv[V];
     param.load(i, pv);
     IO::load(g + i, gv);
+    for (int64_t k = 0; k < V; ++k) gv[k] = prescale_grad(gv[k], prev);
+    if (write_grad) IO::store(g + i, gv);
     for (int64_t k = 0; k < V; ++k) {
       FVec mv = FVec::loadu(m + i + k * F);
       FVec vv = FVec::loadu(v + i + k * F);
       FVec xv = amsgrad ? FVec::loadu(vmax + i + k * F) : FVec(0.0f);
-      adam_element(pv[k], prescale_grad(gv[k], prev), mv, vv, xv, cv);
+      adam_element(pv[k], gv[k], mv, vv, xv, cv);
       mv.store(m + i + k * F);
       vv.store(v + i + k * F);
       if (amsgrad) xv.store(vmax + i + k * F);
@@ -175,7 +180,9 @@ void adam_range(const TensorSlot& t, const AdamCoeffs<float>& c, const GradPresc
   for (; i < end; ++i) {
     float pf = param.load_one(i);
     float& xf = amsgrad ? vmax[i] : scratch;
-    adam_element(pf, prescale_grad(static_cast<float>(g[i]), pre), m[i], v[i], xf, c);
+    const float gf = prescale_grad(static_cast<float>(g[i]), pre);
+    if (write_grad) g[i] = static_cast<scalar_t>(gf);
+    adam_element(pf, gf, m[i], v[i], xf, c);
     param.store_one(i, pf);
   }
 }
@@ -187,7 +194,8 @@ void sgd_range(const TensorSlot& t, const SgdCoeffs<float>& c, const GradPrescal
   constexpr int64_t V = IO::kVectors;
   constexpr int64_t F = FVec::size();
   const ParamAccess<scalar_t> param(t);
-  const auto* g = static_cast<const scalar_t*>(t.grad);
+  auto* g = static_cast<scalar_t*>(const_cast<void*>(t.grad));  // written back when prescaled, as in adam_range
+  const bool write_grad = pre.divide || pre.multiply;
   float* buf = t.state0;
   const bool has_buf = c.has_momentum;
   const SgdCoeffs<FVec> cv = broadcast(c);
@@ -197,9 +205,11 @@ void sgd_range(const TensorSlot& t, const SgdCoeffs<float>& c, const GradPrescal
     FVec pv[V], gv[V];
     param.load(i, pv);
     IO::load(g + i, gv);
+    for (int64_t k = 0; k < V; ++k) gv[k] = prescale_grad(gv[k], prev);
+    if (write_grad) IO::store(g + i, gv);
     for (int64_t k = 0; k < V; ++k) {
       FVec bv = has_buf ? FVec::loadu(buf + i + k * F) : FVec(0.0f);
-      sgd_element(pv[k], prescale_grad(gv[k], prev), bv, t.fresh, cv);
+      sgd_element(pv[k], gv[k], bv, t.fresh, cv);
       if (has_buf) bv.store(buf + i + k * F);
     }
     param.store(i, pv);
@@ -208,7 +218,9 @@ void sgd_range(const TensorSlot& t, const SgdCoeffs<float>& c, const GradPrescal
   for (; i < end; ++i) {
     float pf = param.load_one(i);
     float& bf = has_buf ? buf[i] : scratch;
-    sgd_element(pf, prescale_grad(static_cast<float>(g[i]), pre), bf, t.fresh, c);
+    const float gf = prescale_grad(static_cast<float>(g[i]), pre);
+    if (write_grad) g[i] = static_cast<scalar_t>(gf);
+    sgd_element(pf, gf, bf, t.fresh, c);
     param.store_one(i, pf);
   }
 }

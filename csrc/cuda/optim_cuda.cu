@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_tables_kernel(Ker
     const int64_t start = a.chunks[2 * c + 1];
     const int64_t* entry = a.table + row_index * kTableColumns;
     Access param{as_ptr<Bits>(entry[kColParam]), as_ptr<float>(entry[kColMaster]), false, 0u};
-    const Bits* const grad = as_ptr<const Bits>(entry[kColGrad]);
+    Bits* const grad = as_ptr<Bits>(entry[kColGrad]);  // written back when prescaled (as torch's fused kernels do)
     float* const exp_avg = as_ptr<float>(entry[kColState0]);
     float* const exp_avg_sq = as_ptr<float>(entry[kColState1]);
     float* const max_exp_avg_sq = as_ptr<float>(entry[kColState2]);
@@ -333,6 +333,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_tables_kernel(Ker
         }
 #pragma unroll
         for (int k = 0; k < kN; ++k) g[k] = prescale_grad(g[k], pre);
+        if (pre.divide || pre.multiply) V::store(grad + i, g);
         adam_elements(p, g, m, v, vmax, coeffs);
         param.store(i, p);
         store_floats(exp_avg + i, m);
@@ -344,6 +345,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_tables_kernel(Ker
     for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
       float p = param.load_one(i);
       const float g = prescale_grad(ParamTraits<P>::to_float(grad[i]), pre);
+      if (pre.divide || pre.multiply) grad[i] = ParamTraits<P>::from_float(g);
       float m = exp_avg[i], v = exp_avg_sq[i];
       float vmax = amsgrad ? max_exp_avg_sq[i] : 0.0f;
       adam_element(p, g, m, v, vmax, coeffs);
@@ -369,7 +371,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
     const int64_t start = a.chunks[2 * c + 1];
     const int64_t* entry = a.table + row_index * kTableColumns;
     const Access param{as_ptr<Bits>(entry[kColParam]), as_ptr<float>(entry[kColMaster]), false, 0u};
-    const Bits* const grad = as_ptr<const Bits>(entry[kColGrad]);
+    Bits* const grad = as_ptr<Bits>(entry[kColGrad]);  // written back when prescaled
     float* const buf_ptr = as_ptr<float>(entry[kColState0]);
     const bool fresh = entry[kColStep] != 0;
     const int64_t numel = entry[kColNumel];
@@ -401,7 +403,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
           for (int k = 0; k < kN; ++k) buf[k] = 0.0f;
         }
 #pragma unroll
-        for (int k = 0; k < kN; ++k) sgd_element(p[k], prescale_grad(g[k], pre), buf[k], element_fresh, coeffs);
+        for (int k = 0; k < kN; ++k) g[k] = prescale_grad(g[k], pre);
+        if (pre.divide || pre.multiply) V::store(grad + i, g);
+#pragma unroll
+        for (int k = 0; k < kN; ++k) sgd_element(p[k], g[k], buf[k], element_fresh, coeffs);
         param.store(i, p);
         if (write_buf) store_floats(buf_ptr + i, buf);
       }
@@ -410,6 +415,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
     for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
       float p = param.load_one(i);
       const float g = prescale_grad(ParamTraits<P>::to_float(grad[i]), pre);
+      if (pre.divide || pre.multiply) grad[i] = ParamTraits<P>::from_float(g);
       float buf = read_buf ? buf_ptr[i] : 0.0f;
       sgd_element(p, g, buf, element_fresh, coeffs);
       param.store_one(i, p);

@@ -32,9 +32,10 @@ Design
 
 * Large-model inputs (optional pointers, compiled in by constexpr flags): GradScaler's ``grad_scale`` (gradients
   are divided by it) and ``found_inf`` (when set, no program touches anything and the steps do not advance), a
-  fused clip's ``clip_coef`` (gradients are multiplied by it), and ``step_advance`` (float64, set to 1 by the last
-  program of a step that ran, left alone by a skipped one) which the bound device scheduler adds to its counter
-  and clears.
+  fused clip's ``clip_coef`` (gradients are multiplied by it; the prescaled gradient is written back into
+  ``.grad``, as torch's fused kernels leave it unscaled and clip_grad_norm_ leaves it clipped), and
+  ``step_advance`` (float64, set to 1 by the last program of a step that ran, left alone by a skipped one) which
+  the bound device scheduler adds to its counter and clears.
 * Norm pass (``grad_norm_kernel``): every program accumulates |g|^p (or max |g|) of its chunks in float64 into its
   slot of a partials buffer; the launch marked FINALIZE has its last program combine every slot in order
   (deterministic), and write the total norm and torch's clip coefficient (optim_math.h ``total_norm_from``,
@@ -333,6 +334,8 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
             p = tl.where(master_mask, tl.load(master_ptr + offs, mask=master_mask), p)
             g = _prescale(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), grad_scale, clip_coef, HAS_SCALE,
                           HAS_CLIP)
+            if HAS_SCALE or HAS_CLIP:  # the prescaled gradient is written back, as torch's fused kernels do
+                tl.store(grad_ptr + offs, _to_param_dtype(g, PARAM_DTYPE), mask=mask)
             m = tl.load(exp_avg_ptr + offs, mask=mask)
             v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
             vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask)
@@ -413,6 +416,8 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
             p = tl.where(master_mask, tl.load(master_ptr + offs, mask=master_mask), p)
             g = _prescale(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), grad_scale, clip_coef, HAS_SCALE,
                           HAS_CLIP)
+            if HAS_SCALE or HAS_CLIP:  # the prescaled gradient is written back, as torch's fused kernels do
+                tl.store(grad_ptr + offs, _to_param_dtype(g, PARAM_DTYPE), mask=mask)
             buf = tl.load(buf_ptr + offs, mask=offs < buf_read_end)
 
             # sgd_element, operation for operation.
