@@ -3,6 +3,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "cpu/optim_cpu.h"
 #include "fused_sched/optim_math.h"
 #include "optim_bucket.h"
@@ -31,7 +34,61 @@ TORCH_LIBRARY(fused_sched, m) {
       "Tensor(d!)? step_advance=None) -> ()");
   // (lr, momentum) of every group's schedule program at schedule_step (schedule_math.h); NaN where unset.
   m.def("evaluate_schedule(Tensor schedule, Tensor schedule_step) -> Tensor");
+  // A fused clip's norm pass over the gradients of one or more buckets (bucket_sizes: how many of `grads` each
+  // bucket holds, in order): float32 [total_norm, clip_coef] (optim_math.h total_norm_from, clip_coefficient),
+  // computed exactly as the optimizers' eager CPU path does (each bucket accumulated on its own, the buckets
+  // combined in order). grad_scale (optional float32, one element): the gradients are divided by it first. Used by
+  // the optimizers' torch.compile path; the fake implementation is registered from Python (fused_sched/_extension.py).
+  m.def(
+      "grad_norm_clip(Tensor[] grads, int[] bucket_sizes, float norm_type, float max_norm, "
+      "Tensor? grad_scale=None) -> Tensor");
 }
+
+namespace {
+at::Tensor grad_norm_clip_cpu(at::TensorList grads, at::IntArrayRef bucket_sizes, double norm_type, double max_norm,
+                              const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
+  int64_t total_size = 0;
+  for (int64_t n : bucket_sizes) {
+    TORCH_CHECK(n >= 0, "fused_sched: bucket_sizes must not be negative");
+    total_size += n;
+  }
+  TORCH_CHECK(total_size == static_cast<int64_t>(grads.size()), "fused_sched: bucket_sizes add up to ", total_size,
+              " but ", grads.size(), " grads were given");
+  double divide = 1.0;
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    const at::Tensor& s = *grad_scale;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+                "fused_sched: grad_scale must be a one-element float32 CPU tensor");
+    divide = static_cast<double>(*s.data_ptr<float>());
+  }
+  // As FusedOptimizer._clip_pass combines its buckets' accumulations: sum (from 0), or NaN-propagating maximum.
+  const bool inf_norm = std::isinf(norm_type);
+  double accumulated = 0.0;
+  bool nan = false;
+  int64_t offset = 0;
+  for (size_t b = 0; b < bucket_sizes.size(); ++b) {
+    const double part = fused_sched::cpu::grad_norm_accumulate_cpu(grads.slice(offset, bucket_sizes[b]), norm_type,
+                                                                   divide);
+    offset += bucket_sizes[b];
+    if (inf_norm) {
+      nan |= std::isnan(part);
+      accumulated = b == 0 ? part : std::max(accumulated, part);
+    } else {
+      accumulated += part;
+    }
+  }
+  if (nan) accumulated = NAN;
+  const float total = fused_sched::total_norm_from(accumulated, norm_type);
+  const float coef = fused_sched::clip_coefficient(total, static_cast<float>(max_norm));
+  at::Tensor out = at::empty({2}, at::kFloat);
+  out.data_ptr<float>()[0] = total;
+  out.data_ptr<float>()[1] = coef;
+  return out;
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_sched, CPU, m) { m.impl("grad_norm_clip", &grad_norm_clip_cpu); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_sched compiled kernels (operators live under torch.ops.fused_sched)";

@@ -67,7 +67,30 @@ def load_extension():
     with _lock:
         if _module is None:
             try:
-                _module = importlib.import_module("fused_sched._C")
+                module = importlib.import_module("fused_sched._C")
             except ImportError:
-                _module = _jit_build()
+                module = _jit_build()
+            _register_fakes()
+            _module = module
     return _module
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations of the C++ operators, for torch.compile and FakeTensor: they describe outputs
+    without computing them. Without one, FakeTensor runs the CPU kernel on zero-filled real copies of every
+    tensor (the fallback kernel), which costs a model's worth of memory at every trace."""
+    import torch
+
+    def no_output(*args, **kwargs) -> None:
+        return None  # adam_step_ / sgd_step_ only write their (f!) arguments
+
+    torch.library.register_fake("fused_sched::adam_step_")(no_output)
+    torch.library.register_fake("fused_sched::sgd_step_")(no_output)
+
+    @torch.library.register_fake("fused_sched::evaluate_schedule")
+    def _(schedule, schedule_step):
+        return schedule.new_empty((schedule.shape[0], 2))
+
+    @torch.library.register_fake("fused_sched::grad_norm_clip")
+    def _(grads, bucket_sizes, norm_type, max_norm, grad_scale=None):
+        return torch.empty(2, dtype=torch.float32, device=grads[0].device if grads else "cpu")

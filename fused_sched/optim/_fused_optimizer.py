@@ -98,6 +98,10 @@ class _Plan:
 #: State key of a parameter's float32 master copy (master_weights).
 MASTER_KEY = "master_param"
 
+_NONFINITE = ("The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+              "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+              "`error_if_nonfinite=False`")
+
 
 class FusedOptimizer(Optimizer):
     """Base class: subclasses define the state keys, the validation, the hyper row and the backend call."""
@@ -112,6 +116,9 @@ class FusedOptimizer(Optimizer):
     _has_step = False
     #: Kernel family: "adam" or "sgd".
     _algorithm = ""
+    #: True when the step that creates the first state tensor treats it apart (SGD: the new momentum buffer takes the
+    #: gradient as it is, a "fresh" flag handed to the kernel).
+    _fresh_first_state = False
 
     def __init__(self, params, defaults: dict, backend: str = "auto", max_grad_norm: float | None = None,
                  rounding_seed: int = 0):
@@ -124,16 +131,36 @@ class FusedOptimizer(Optimizer):
         self.backend = backend
         self.max_grad_norm = max_grad_norm
         self.rounding_seed = rounding_seed
-        #: The total gradient norm of the last fused clip (a device tensor; None before the first one).
-        self.last_grad_norm = None
+        self._slots = _slots()
         self._plan = None
         self._rows = None
         self._hyper = {}
         self._schedule = None
-        self._pending_clip = None
         self._advance = {}
         self._amp_seen = False  # a GradScaler handed a found_inf to a step: schedulers may lag their host counts
         super().__init__(params, defaults)
+
+    # A fused clip's results live in a dict (_slots) rather than in attributes: under torch.compile (torch 2.13)
+    # Dynamo drops the attribute stores of a compiled function on a torch.optim.Optimizer (it does not track the
+    # object as it tracks other user objects: no error, the stores are simply lost), while a dict's mutations are
+    # replayed after the graph.
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The total gradient norm of the last fused clip (a device tensor; None before the first one)."""
+        return self._slots["norm"]
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: torch.Tensor | None) -> None:
+        self._slots["norm"] = value
+
+    @property
+    def _pending_clip(self) -> dict | None:
+        """{device: clip coefficient} of a clip_grad_norm_() that the next step applies; None when there is none."""
+        return self._slots["pending"]
+
+    @_pending_clip.setter
+    def _pending_clip(self, value: dict | None) -> None:
+        self._slots["pending"] = value
 
     # -- subclass hooks -------------------------------------------------------------------------------------
     def _validate_group(self, group: dict) -> None:
@@ -154,6 +181,11 @@ class FusedOptimizer(Optimizer):
         """One backend call for `bucket`; amp: grad_scale, found_inf, clip_coef, step_advance (tensors or None)."""
         raise NotImplementedError
 
+    def _run_lists(self, bucket: dict, hyper: torch.Tensor, amp: dict) -> None:
+        """_run_bucket under torch.compile: one registered operator call on the tensor lists of `bucket`
+        (fused_sched/optim/_compiled.py gather())."""
+        raise NotImplementedError
+
     # -- torch.optim.Optimizer API -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -167,8 +199,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("_schedule", None)
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("rounding_seed", 0)
-        self.__dict__.setdefault("last_grad_norm", None)
-        self.__dict__.setdefault("_pending_clip", None)
+        self.__dict__.setdefault("_slots", _slots())
         self.__dict__.setdefault("_advance", {})
         self.__dict__.setdefault("_amp_seen", False)
         self._invalidate()
@@ -199,6 +230,7 @@ class FusedOptimizer(Optimizer):
         self._plan = None
         self._rows = None
         self._hyper = {}
+        self._slots["states"] = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict saved by this class or by its torch.optim counterpart.
@@ -245,6 +277,12 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            # Traceable: no pybind11 object, one registered operator per bucket (imported only while tracing).
+            from . import _compiled
+
+            _compiled.step(self)
+            return loss
         rows = self._current_rows()
         plan = self._plan
         if plan is None or not plan.current():
@@ -254,9 +292,12 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
             self._amp_seen = True
-        clip, self._pending_clip = self._pending_clip, None
-        if clip is None and self.max_grad_norm is not None and plan.buckets:
-            self.last_grad_norm, clip = self._clip_pass(plan, self.max_grad_norm, 2.0, grad_scale)
+        slots = self._slots
+        clip = slots["pending"]
+        if clip is not None:
+            slots["pending"] = None
+        elif self.max_grad_norm is not None and plan.buckets:
+            slots["norm"], clip = self._clip_pass(plan, self.max_grad_norm, 2.0, grad_scale)
         tables = {}
         for bucket in plan.buckets:
             table = tables.get(bucket.device)
@@ -311,6 +352,22 @@ class FusedOptimizer(Optimizer):
         norm_type = float(norm_type)
         if not (norm_type > 0.0):
             raise ValueError(f"fused_sched clips with a positive or infinite norm_type, got {norm_type}")
+        if torch.compiler.is_compiling():
+            from . import _compiled
+
+            result = _compiled.clip_grad_norm(self, float(max_norm), norm_type)
+            if result is None:
+                return _compiled.eager_clip(self, max_norm, norm_type, error_if_nonfinite)
+            total, clip = result
+            slots = self._slots  # no attribute store under torch.compile (see last_grad_norm)
+            if clip is None:
+                slots["pending"] = None
+                return total
+            if error_if_nonfinite and not bool(torch.isfinite(total)):
+                raise RuntimeError(_NONFINITE.format(norm_type=norm_type))
+            slots["pending"] = clip
+            slots["norm"] = total
+            return total
         self._current_rows()
         plan = self._plan
         if plan is None or not plan.current():
@@ -320,11 +377,7 @@ class FusedOptimizer(Optimizer):
             return torch.tensor(0.0)
         total, clip = self._clip_pass(plan, float(max_norm), norm_type, None)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise RuntimeError(
-                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
-                "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
-                "`error_if_nonfinite=False`"
-            )
+            raise RuntimeError(_NONFINITE.format(norm_type=norm_type))
         self._pending_clip = clip
         self.last_grad_norm = total
         return total
@@ -458,6 +511,9 @@ class FusedOptimizer(Optimizer):
                                  f"shape {tuple(p.shape)}")
 
     def _build_plan(self) -> _Plan:
+        # Momentum buffers that compiled steps left unfilled (fused_sched/optim/_compiled.py): this plan's to fill.
+        self._settle_fresh()
+        fresh_ids = self._slots["fresh"]
         with_grad, without_grad = [], []
         param_ids = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
         for index, group in enumerate(self.param_groups):
@@ -521,12 +577,28 @@ class FusedOptimizer(Optimizer):
 
                 bucket.runner = TritonBucketRunner(device, dtype, self._algorithm)
             # SGD: a momentum buffer created by this step takes the gradient as it is (torch clones it).
-            bucket.fresh = [int(m[2]) for m in members]
+            bucket.fresh = [int(m[2] or i in fresh_ids) for m, i in zip(members, ids, strict=True)]
             problem = bucket.native.refresh_grads()
             if problem:
                 raise RuntimeError(f"fused_sched: internal error, a freshly built bucket is stale ({problem})")
             buckets.append(bucket)
+        if fresh_ids:
+            self._slots["fresh"] = ()  # the buckets hold them now
         return _Plan(buckets, native.NoGradWatch(without_grad))
+
+    def _settle_fresh(self) -> None:
+        """Settles the fresh flags that compiled SGD steps left open (_slots["unfilled"]: param ids of momentum
+        buffers that a step handed a GradScaler found_inf was the first to fill): where found_inf skipped that step
+        the buffers were not filled and are fresh again (_slots["fresh"]). Reads found_inf on the host (a sync on
+        an accelerator), once, when an eager plan or a new trace is built (fused_sched/optim/_compiled.py)."""
+        slots = self._slots
+        pending = slots["unfilled"]
+        if pending is None:
+            return
+        slots["unfilled"] = None
+        skipped = {i for ids, found_inf in pending if bool(found_inf.reshape(()) != 0) for i in ids}
+        if skipped:
+            slots["fresh"] = tuple(sorted(skipped.union(slots["fresh"])))
 
     def _init_state(self, p: torch.Tensor, needs: tuple[bool, ...], master: bool) -> bool:
         """Create the missing state of `p` as torch does at its first step; True when the first state tensor
@@ -542,6 +614,16 @@ class FusedOptimizer(Optimizer):
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p)
         return created
+
+
+def _slots() -> dict:
+    """FusedOptimizer._slots: the values a step writes that are not attributes (see FusedOptimizer.last_grad_norm):
+    a fused clip's total norm ("norm") and pending coefficients ("pending"); for SGD under torch.compile, the param
+    ids of the momentum buffers that no step filled yet ("fresh") and of those whose first step was handed a
+    GradScaler found_inf, with it ("unfilled": [(param ids, found_inf)], until _settle_fresh() reads it); and for
+    the compiled step each param's state dict, by param id ("states", None until a trace builds it; dropped with the
+    eager plan by _invalidate)."""
+    return {"pending": None, "norm": None, "fresh": (), "unfilled": None, "states": None}
 
 
 def _is_dtensor(t) -> bool:
@@ -565,6 +647,13 @@ def _dtensor_class():
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose memory a kernel updates: a DTensor's local shard, any other tensor itself."""
     return t._local_tensor if _is_dtensor(t) else t
+
+
+def _traced_tensor(value) -> bool:
+    """A tensor hyper-parameter while Dynamo traces: its value is not compared on the host (that would be a
+    data-dependent graph break); it was checked when its param group was added, as a tensor lr's value is checked
+    in eager steps too (the row holds 0.0 for it, so a new value never re-runs the checks)."""
+    return isinstance(value, torch.Tensor) and torch.compiler.is_compiling()
 
 
 def _same_value(a, b) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _hyper
-from ._fused_optimizer import FusedOptimizer, _Bucket
+from ._fused_optimizer import FusedOptimizer, _Bucket, _traced_tensor
 
 _ALGORITHM = r"""
     .. math::
@@ -130,7 +130,7 @@ class Adam(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
+        if not _traced_tensor(lr) and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         eps = group["eps"]
         if not 0.0 <= eps:
@@ -141,7 +141,7 @@ class Adam(FusedOptimizer):
         for i, beta in enumerate(betas):
             if isinstance(beta, torch.Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
-            if not 0.0 <= beta < 1.0:
+            if not _traced_tensor(beta) and not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
@@ -165,6 +165,15 @@ class Adam(FusedOptimizer):
                               sr_seed=self.rounding_seed, **amp)
         else:
             bucket.native.adam_step(hyper, schedule, schedule_step, sr_seed=self.rounding_seed, **amp)
+
+    def _run_lists(self, bucket: dict, hyper: torch.Tensor, amp: dict) -> None:
+        schedule, schedule_step = self._schedule_args(bucket["device"])
+        ops = torch.ops.fused_sched
+        op = ops.triton_adam_step_ if bucket["backend"] == "triton" else ops.adam_step_
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs = bucket["states"]
+        op(bucket["params"], bucket["grads"], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bucket["steps"], hyper,
+           bucket["group_index"], schedule, schedule_step, bucket["masters"], amp["grad_scale"], amp["found_inf"],
+           amp["clip_coef"], amp["step_advance"], bucket["param_ids"], self.rounding_seed)
 
 
 class AdamW(Adam):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _hyper
-from ._fused_optimizer import FusedOptimizer, _Bucket
+from ._fused_optimizer import FusedOptimizer, _Bucket, _traced_tensor
 
 
 class SGD(FusedOptimizer):
@@ -45,6 +45,7 @@ class SGD(FusedOptimizer):
     _state_keys = ("momentum_buffer",)
     _has_step = False
     _algorithm = "sgd"
+    _fresh_first_state = True
 
     def __init__(
         self,
@@ -91,7 +92,7 @@ class SGD(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
+        if not _traced_tensor(lr) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if group["momentum"] < 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
@@ -124,3 +125,25 @@ class SGD(FusedOptimizer):
         # for the next step. Knowing that needs found_inf on the host: read only on a step that creates buffers.
         if fresh and not (amp["found_inf"] is not None and bool(amp["found_inf"].reshape(()) != 0)):
             bucket.fresh = [0] * len(bucket.fresh)
+
+    def _run_lists(self, bucket: dict, hyper: torch.Tensor, amp: dict) -> None:
+        schedule, schedule_step = self._schedule_args(bucket["device"])
+        ops = torch.ops.fused_sched
+        op = ops.triton_sgd_step_ if bucket["backend"] == "triton" else ops.sgd_step_
+        # Momentum buffers that no step filled yet take the gradient as it is (torch clones it): _compiled._prepare.
+        slots = self._slots
+        fresh_ids = slots["fresh"]
+        fresh = [int(i in fresh_ids) for i in bucket["param_ids"]]
+        (momentum_buffers,) = bucket["states"]
+        op(bucket["params"], bucket["grads"], momentum_buffers, hyper, bucket["group_index"], fresh, schedule,
+           schedule_step, bucket["masters"], amp["grad_scale"], amp["found_inf"], amp["clip_coef"],
+           amp["step_advance"])
+        if any(fresh):
+            filled = [i for i, flag in zip(bucket["param_ids"], fresh, strict=True) if flag]
+            slots["fresh"] = tuple(i for i in fresh_ids if i not in filled)
+            if amp["found_inf"] is not None:
+                # Unless found_inf skipped this step: settled by the next trace (FusedOptimizer._settle_fresh),
+                # which the change of _slots makes, so that no host read of found_inf breaks this graph.
+                entry = (filled, amp["found_inf"].clone())
+                pending = slots["unfilled"]
+                slots["unfilled"] = [entry] if pending is None else [*pending, entry]
