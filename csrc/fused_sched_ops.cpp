@@ -12,11 +12,12 @@
 
 TORCH_LIBRARY(fused_sched, m) {
   // Adam / AdamW over one (device, dtype) bucket. schedule / schedule_step (optional): the device schedule
-  // programs (float64 [groups, segments, 16], schedule_math.h) and the scheduler's step counter. hyper: float64 [groups, kHyperColumns] (optim_math.h), row
-  // group_index[i] applies to tensor i. max_exp_avg_sqs may be empty when no group uses amsgrad. steps are
-  // float32 one-element tensors, incremented by the call.
+  // programs (float64 [groups, segments, 16], schedule_math.h) and the scheduler's step counter. hyper: float64
+  // [groups, kHyperColumns] (optim_math.h), row group_index[i] applies to tensor i. max_exp_avg_sqs may be empty
+  // when no group uses amsgrad. steps are float32 one-element tensors, incremented by the call. grads are written
+  // (unscaled / clipped) when grad_scale or clip_coef is given, as torch's fused kernels do.
   m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "adam_step_(Tensor(a!)[] params, Tensor(h!)[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor hyper, int[] group_index, "
       "Tensor? schedule=None, Tensor? schedule_step=None, Tensor(f!)[]? master_params=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(g!)? step_advance=None, "
@@ -28,7 +29,7 @@ TORCH_LIBRARY(fused_sched, m) {
   // SGD over one bucket. momentum_buffers may be empty when no group uses momentum; fresh_buffers[i] != 0 marks a
   // buffer created by this step (torch then copies the gradient into it).
   m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "
+      "sgd_step_(Tensor(a!)[] params, Tensor(e!)[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "
       "int[] group_index, int[] fresh_buffers, Tensor? schedule=None, Tensor? schedule_step=None, "
       "Tensor(c!)[]? master_params=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
       "Tensor(d!)? step_advance=None) -> ()");
