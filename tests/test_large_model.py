@@ -559,3 +559,83 @@ def test_backends_agree_bit_for_bit_on_everything_at_once():
         _amp_loop(opt, params, scaler, steps=6, inf_steps=(3,))
         results.append(_snapshot(opt, params))
     _assert_same_snapshot(*results)
+
+
+# -- review fixes --------------------------------------------------------------------------------------------------
+def test_zero_grad_drops_a_pending_clip():
+    ours, theirs = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt, ref = fused_sched.SGD([ours], lr=1.0), torch.optim.SGD([theirs], lr=1.0)
+    ours.grad, theirs.grad = torch.full((1,), 100.0), torch.full((1,), 100.0)
+    opt.clip_grad_norm_(1.0)
+    torch.nn.utils.clip_grad_norm_([theirs], 1.0)
+    opt.zero_grad()  # the step is not taken (a NaN-loss guard, a clip for logging only)
+    ref.zero_grad()
+    ours.grad, theirs.grad = torch.full((1,), 0.1), torch.full((1,), 0.1)
+    opt.step()
+    ref.step()
+    assert torch.equal(ours.detach(), theirs.detach())
+
+
+def test_master_weights_switched_on_and_off_mid_training():
+    """Off -> on: a master copy is made from the parameter; on -> off: the parameter is the value again, and a
+    later on starts from it (not from the stale copy)."""
+    p = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)
+    opt = fused_sched.AdamW([p], lr=1e-3, weight_decay=1.0)
+    group = opt.param_groups[0]
+
+    def step():
+        p.grad = torch.zeros_like(p)
+        opt.step()
+
+    step()
+    assert "master_param" not in opt.state[p]
+    group["master_weights"] = True
+    step()
+    master = opt.state[p]["master_param"]
+    assert torch.equal(master, torch.full((8,), 0.999, dtype=torch.float32))  # 1.0 * (1 - 1e-3), not rounded
+    group["master_weights"] = False
+    step()
+    assert "master_param" not in opt.state[p]
+    with torch.no_grad():
+        p.fill_(0.5)
+    group["master_weights"] = True
+    step()
+    assert torch.allclose(opt.state[p]["master_param"], torch.full((8,), 0.5 * 0.999))
+
+
+def test_stochastic_rounding_switched_on_for_float16_is_refused():
+    p = torch.ones(4, dtype=torch.float16, requires_grad=True)
+    opt = fused_sched.AdamW([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[0]["stochastic_rounding"] = True
+    with pytest.raises(ValueError, match="bfloat16"):
+        opt.step()
+    with pytest.raises(ValueError, match="SGD does not round stochastically"):
+        fused_sched.SGD([torch.zeros(1, requires_grad=True)]).add_param_group(
+            {"params": [torch.zeros(1, requires_grad=True)], "stochastic_rounding": True})
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_skipped_first_sgd_step_then_a_rebuilt_plan_keeps_the_buffer_fresh(backend, device):
+    """The step that creates momentum buffers overflows; before the next step another parameter loses its
+    gradient (a new plan): the buffers are still filled from the gradient, as torch's first step does."""
+    results = []
+    for kind in ("torch", "fused"):
+        a = torch.zeros(3, device=device, requires_grad=True)
+        b = torch.zeros(3, device=device, requires_grad=True)
+        kwargs = {"lr": 1.0, "momentum": 0.9, "dampening": 0.5}
+        opt = (fused_sched.SGD([a, b], **kwargs, backend=backend) if kind == "fused"
+               else torch.optim.SGD([a, b], **kwargs, foreach=False))
+        scaler = torch.amp.GradScaler(device, init_scale=1.0, growth_interval=10**6)
+        for step in range(3):
+            opt.zero_grad()
+            loss = (a * 2.0).sum() + ((b * 1.0).sum() if step == 0 else 0.0)
+            scaler.scale(loss).backward()
+            if step == 0:
+                a.grad[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        results.append((a.detach().cpu(), opt.state[a]["momentum_buffer"].cpu()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=1e-6, atol=1e-6)

@@ -53,7 +53,8 @@ class _Bucket:
     holds the local shards, and the gradients' local shards are handed to them before every check
     (``lend_local_grads``) and taken back once the step is launched (``return_local_grads``)."""
 
-    __slots__ = ("device", "dtype", "backend", "params", "group_index", "native", "fresh", "runner", "sharded")
+    __slots__ = ("device", "dtype", "backend", "params", "group_index", "native", "fresh", "runner", "sharded",
+                 "param_ids")
 
     def __init__(self, device, dtype, backend, params, group_index):
         self.device = device
@@ -65,6 +66,7 @@ class _Bucket:
         self.fresh = None
         self.runner = None
         self.sharded = None
+        self.param_ids = None
 
     def lend_local_grads(self) -> None:
         for param, local in self.sharded:
@@ -323,6 +325,12 @@ class FusedOptimizer(Optimizer):
             advance = self._advance[device] = torch.ones(1, dtype=torch.float64, device=device)
         return advance
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim.Optimizer.zero_grad; also drops a pending clip_grad_norm_() coefficient, which belonged to
+        the gradients being discarded."""
+        self._pending_clip = None
+        super().zero_grad(set_to_none)
+
     # -- fused gradient clipping ------------------------------------------------------------------------------
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -459,13 +467,18 @@ class FusedOptimizer(Optimizer):
             for g in self.param_groups:
                 self._validate_group(g)
             if self._rows is not None and len(rows) == len(self._rows):
-                # A change of a value that decides which state exists (amsgrad, momentum != 0) needs a new plan.
-                if [self._needed_states(g) for g in self.param_groups] != getattr(self, "_needs", None):
+                # A change of a value that decides which state exists (amsgrad, momentum != 0, master_weights) or
+                # what a plan checks (stochastic_rounding: no float16 params) needs a new plan.
+                if [self._plan_key(g) for g in self.param_groups] != getattr(self, "_needs", None):
                     self._plan = None
-            self._needs = [self._needed_states(g) for g in self.param_groups]
+            self._needs = [self._plan_key(g) for g in self.param_groups]
             self._rows = rows
             self._hyper = {}
         return rows
+
+    def _plan_key(self, group: dict) -> tuple:
+        return (self._needed_states(group), bool(group.get("master_weights")),
+                bool(group.get("stochastic_rounding")))
 
     def _hyper_table(self, device: torch.device, rows: list) -> torch.Tensor:
         table = self._hyper.get(device)
@@ -565,7 +578,7 @@ class FusedOptimizer(Optimizer):
                 masters = [_local(self.state[m[1]][MASTER_KEY]) if m[3] else placeholder for m in members]
             else:
                 masters = []
-            ids = [param_ids[id(p)] for p in bucket.params]
+            ids = bucket.param_ids = [param_ids[id(p)] for p in bucket.params]
             locals_ = [_local(p) for p in bucket.params]
             if any(_is_dtensor(p) for p in bucket.params):
                 bucket.sharded = [(p, local) for p, local in zip(bucket.params, locals_, strict=True)
@@ -613,6 +626,10 @@ class FusedOptimizer(Optimizer):
                 created = created or k == 0
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p)
+        elif not master:
+            # master_weights turned off: the parameter is the value from now on; a copy kept would be stale if the
+            # option were turned on again.
+            state.pop(MASTER_KEY, None)
         return created
 
 
@@ -697,11 +714,12 @@ def _finalize_sharded_clip(accumulated: torch.Tensor, groups: list, norm_type: f
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """A GradScaler tensor on `device`, as a float32 [1] (a non-blocking copy where it lives elsewhere)."""
+    """A GradScaler tensor on `device`, as a float32 [1]: a non-blocking copy to an accelerator; a blocking one to
+    the CPU, whose kernels read it at once (a non-blocking device-to-host copy may not have landed yet)."""
     if t is None:
         return None
     if t.device != device or t.dtype != torch.float32:
-        t = t.to(device=device, dtype=torch.float32, non_blocking=True)
+        t = t.to(device=device, dtype=torch.float32, non_blocking=device.type != "cpu")
     return t.reshape(1)
 
 

@@ -104,6 +104,9 @@ class SGD(FusedOptimizer):
             raise ValueError("fused_sched does not support differentiable=True")
         if not isinstance(group.get("master_weights", False), bool):
             raise ValueError(f"master_weights must be a bool, got {group['master_weights']!r}")
+        if group.get("stochastic_rounding"):
+            raise ValueError("SGD does not round stochastically (it keeps no step count to draw the rounding bits "
+                             "from); use master_weights=True")
 
     def _row(self, group: dict) -> tuple:
         return _hyper.sgd_row(group)
@@ -123,8 +126,17 @@ class SGD(FusedOptimizer):
             bucket.native.sgd_step(hyper, bucket.fresh, schedule, schedule_step, **amp)
         # A momentum buffer created by a step that GradScaler's found_inf skipped was not filled: it stays fresh
         # for the next step. Knowing that needs found_inf on the host: read only on a step that creates buffers.
-        if fresh and not (amp["found_inf"] is not None and bool(amp["found_inf"].reshape(()) != 0)):
-            bucket.fresh = [0] * len(bucket.fresh)
+        if fresh:
+            if amp["found_inf"] is not None and bool(amp["found_inf"].reshape(()) != 0):
+                # Skipped: the buffers stay fresh, also for a plan rebuilt before the next step (_build_plan
+                # consults _slots["fresh"]).
+                unfilled = {i for i, flag in zip(bucket.param_ids, bucket.fresh, strict=True) if flag}
+                self._slots["fresh"] = tuple(sorted(set(self._slots["fresh"]) | unfilled))
+            else:
+                if self._slots["fresh"]:
+                    filled = {i for i, flag in zip(bucket.param_ids, bucket.fresh, strict=True) if flag}
+                    self._slots["fresh"] = tuple(i for i in self._slots["fresh"] if i not in filled)
+                bucket.fresh = [0] * len(bucket.fresh)
 
     def _run_lists(self, bucket: dict, hyper: torch.Tensor, amp: dict) -> None:
         schedule, schedule_step = self._schedule_args(bucket["device"])
