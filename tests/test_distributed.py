@@ -41,9 +41,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, port: int, args: tuple) -> None:
+def _entry(rank: int, fn, port: int, args: tuple, backend: str = "gloo", world: int = WORLD) -> None:
     torch.set_num_threads(1)  # two processes share the CI machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         fn(rank, *args)
@@ -52,10 +54,10 @@ def _entry(rank: int, fn, port: int, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def _run(fn, *args) -> None:
-    """Run ``fn(rank, *args)`` in WORLD spawned processes; an exception in any of them fails the test with its
+def _run(fn, *args, backend: str = "gloo", world: int = WORLD) -> None:
+    """Run ``fn(rank, *args)`` in `world` spawned processes; an exception in any of them fails the test with its
     traceback (torch.multiprocessing.ProcessRaisedException)."""
-    context = mp.start_processes(_entry, args=(fn, _free_port(), args), nprocs=WORLD, join=False,
+    context = mp.start_processes(_entry, args=(fn, _free_port(), args, backend, world), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not context.join(timeout=5):
@@ -363,3 +365,38 @@ def test_get_optimizer_state_dict_of_a_fresh_optimizer_leaves_params_untouched()
         assert len(state["state"]) == len(before)
         for p, b in zip(model.parameters(), before, strict=True):
             torch.testing.assert_close(p.detach(), b, rtol=0, atol=0, msg=lambda m, kind=kind: f"{kind}: {m}")
+
+
+def _fsdp_cuda_worker(rank: int) -> None:
+    """FSDP2 on one GPU with NCCL: fused_sched (Triton kernels, fused clipping) against torch.optim.AdamW."""
+    from torch.distributed.fsdp import fully_shard
+
+    runs = {}
+    for kind in ("torch", "fused"):
+        model = _mlp().cuda()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        if kind == "fused":
+            opt = fused_sched.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=0.5)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+        losses = []
+        for x, y in _batches(rank, STEPS):
+            loss = torch.nn.functional.mse_loss(model(x.cuda()), y.cuda())
+            loss.backward()
+            if kind == "torch":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=False)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        runs[kind] = (model, losses)
+    (ours, our_losses), (theirs, their_losses) = runs["fused"], runs["torch"]
+    torch.testing.assert_close(our_losses, their_losses, **TOLERANCE)
+    _assert_params_equal(ours, theirs, rank)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs a GPU and NCCL")
+def test_fsdp2_on_one_gpu_with_nccl():
+    _run(_fsdp_cuda_worker, backend="nccl", world=1)
