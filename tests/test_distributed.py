@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import socket
+import sys
 import time
 
 import pytest
@@ -52,6 +54,14 @@ def _entry(rank: int, fn, port: int, args: tuple, backend: str = "gloo", world: 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A finished worker leaves without the interpreter's teardown: in about 1 run in 16 of the DDP / ZeRO tests on
+    # the 2-core CI machine, a worker aborted there ("terminate called without an active exception", SIGABRT)
+    # after every rank had passed the barrier and destroyed its process group, i.e. after the test's work was
+    # done and checked. Not reproduced by a standalone DDP script (16 runs each with torch.optim and fused_sched);
+    # the cause (a C++ thread destroyed at exit) is not identified.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run(fn, *args, backend: str = "gloo", world: int = WORLD) -> None:
