@@ -69,6 +69,7 @@ class TritonBucketRunner:
         self.chunks = None
         self.config = None
         self.uploads = 0  # how many times the address table was copied to the device (tests read it)
+        self.norm_workspace = None  # grad_norm_pass's, when this runner comes first in its plan
 
     def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
             schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
@@ -105,14 +106,12 @@ class TritonBucketRunner:
 
 
 class _NormWorkspace:
-    """Per device: the partials of a fused clip's norm pass and the counter of its finalizing launch."""
+    """The partials of a fused clip's norm pass and the counter of its finalizing launch. Held by the first runner
+    of an optimizer's plan, so two optimizers clipping on concurrent streams never share one."""
 
     def __init__(self, device: torch.device, slots: int):
         self.partials = torch.empty(slots, dtype=torch.float64, device=device)
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
-
-
-_norm_workspaces: dict = {}
 
 
 def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
@@ -125,9 +124,10 @@ def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch
         runner.sync_tables(native)
     device = buckets[0][1].device
     slots = sum(max(1, min(r.config["num_programs"], r.chunks.shape[0])) for _, r in buckets)
-    workspace = _norm_workspaces.get(device)
+    holder = buckets[0][1]
+    workspace = holder.norm_workspace
     if workspace is None or workspace.partials.numel() < slots:
-        workspace = _norm_workspaces[device] = _NormWorkspace(device, slots)
+        workspace = holder.norm_workspace = _NormWorkspace(device, slots)
     out = torch.empty(2, dtype=torch.float32, device=device)
     offset = 0
     for k, (_, runner) in enumerate(buckets):
