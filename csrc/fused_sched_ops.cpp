@@ -63,23 +63,14 @@ at::Tensor grad_norm_clip_cpu(at::TensorList grads, at::IntArrayRef bucket_sizes
                 "fused_sched: grad_scale must be a one-element float32 CPU tensor");
     divide = static_cast<double>(*s.data_ptr<float>());
   }
-  // As FusedOptimizer._clip_pass combines its buckets' accumulations: sum (from 0), or NaN-propagating maximum.
-  const bool inf_norm = std::isinf(norm_type);
-  double accumulated = 0.0;
-  bool nan = false;
+  // Each bucket accumulated on its own, then combined as FusedOptimizer._clip_pass combines them.
+  std::vector<double> parts;
   int64_t offset = 0;
-  for (size_t b = 0; b < bucket_sizes.size(); ++b) {
-    const double part = fused_sched::cpu::grad_norm_accumulate_cpu(grads.slice(offset, bucket_sizes[b]), norm_type,
-                                                                   divide);
-    offset += bucket_sizes[b];
-    if (inf_norm) {
-      nan |= std::isnan(part);
-      accumulated = b == 0 ? part : std::max(accumulated, part);
-    } else {
-      accumulated += part;
-    }
+  for (int64_t n : bucket_sizes) {
+    parts.push_back(fused_sched::cpu::grad_norm_accumulate_cpu(grads.slice(offset, n), norm_type, divide));
+    offset += n;
   }
-  if (nan) accumulated = NAN;
+  const double accumulated = fused_sched::cpu::combine_norm_parts(parts, norm_type);
   const float total = fused_sched::total_norm_from(accumulated, norm_type);
   const float coef = fused_sched::clip_coefficient(total, static_cast<float>(max_norm));
   at::Tensor out = at::empty({2}, at::kFloat);
@@ -140,6 +131,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_tuple(total, fused_sched::clip_coefficient(total, static_cast<float>(max_norm)));
       },
       "(total_norm, clip_coef) in float32 from a fused clip's accumulated norm (optim_math.h)");
+  m.def("combine_norm_parts", &fused_sched::cpu::combine_norm_parts, pybind11::arg("parts"),
+        pybind11::arg("norm_type"), "A fused clip's accumulation of several buckets from theirs (optim_cpu.h)");
   m.def("rounding_key", &fused_sched::rounding_key, "optim_math.h rounding_key (tests)");
   m.def("rounding_bits", &fused_sched::rounding_bits, "optim_math.h rounding_bits (tests)");
   m.def("cuda_compiled", []() {

@@ -359,7 +359,6 @@ double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double g
       chunks.push_back({static_cast<int64_t>(i), s, std::min(g.numel(), s + kChunkElements)});
     }
   }
-  const bool inf_norm = std::isinf(norm_type);
   const float scale = static_cast<float>(grad_scale);
   const bool divide = grad_scale != 1.0;  // x / 1 == x: skipping the division changes no bit
   const KernelTable* k = active_kernels();
@@ -373,8 +372,13 @@ double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double g
                                 divide);
     }
   });
+  return combine_norm_parts(partial, norm_type);
+}
+
+double combine_norm_parts(const std::vector<double>& parts, double norm_type) {
+  const bool inf_norm = std::isinf(norm_type);
   double total = 0.0;
-  for (double p : partial) {
+  for (double p : parts) {
     if (inf_norm) {
       total = (std::isnan(p) || std::isnan(total)) ? NAN : std::max(total, p);
     } else {

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "optim_cpu_kernels.h"
 
@@ -55,6 +56,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
 // The accumulated gradient norm of a CPU bucket for a fused clip: the sum of |g / grad_scale|^norm_type (finite
 // norm_type) or the maximum of |g / grad_scale| (infinite), in float64; NaN propagates. grad_scale: 1 for none.
 double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double grad_scale);
+// The accumulation of several buckets from theirs, in order: the sum (finite norm_type) or the NaN-propagating
+// maximum (infinite). The one rule for the optimizers' eager path and the fused_sched::grad_norm_clip operator.
+double combine_norm_parts(const std::vector<double>& parts, double norm_type);
 // Every group's (lr, momentum) program value at the step in schedule_step: float64 [groups, 2], NaN where the
 // program sets nothing. The kernels' own evaluation, exposed for tests and for plotting.
 at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step);

@@ -205,10 +205,7 @@ def _prepare_or_raise(opt, with_state: bool) -> tuple:
                 with_grad.append((group, p))
     devices = []
     for group, p in with_grad:
-        opt._check_param(p)
-        if group.get("stochastic_rounding") and p.dtype == torch.float16:
-            raise ValueError("stochastic_rounding rounds bfloat16 parameters; a float16 parameter needs "
-                             "master_weights=True instead")
+        opt._check_param(p, group)
         backends.resolve(opt.backend, p.device)
         if p.device not in devices:
             devices.append(p.device)

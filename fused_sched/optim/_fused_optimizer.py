@@ -42,6 +42,7 @@ from torch.optim import Optimizer
 
 from .. import _hyper, backends
 from .._extension import load_extension
+from .._scheduler_base import same_lr
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -408,10 +409,7 @@ class FusedOptimizer(Optimizer):
             # C++ CPU buckets: the accumulations are host floats (CPU tensors: reading them costs no sync).
             divide = 1.0 if scale is None else float(scale.reshape(()))
             parts = [b.native.grad_norm_accumulate(norm_type, divide) for b in plan.buckets]
-            if norm_type == math.inf:
-                accumulated = math.nan if any(p != p for p in parts) else max(parts)
-            else:
-                accumulated = sum(parts)
+            accumulated = native.combine_norm_parts(parts, norm_type)
             if not groups:
                 total, coef = native.clip_coefficients(accumulated, norm_type, max_norm)
                 out = torch.tensor([total, coef], dtype=torch.float32, device=device)
@@ -455,7 +453,7 @@ class FusedOptimizer(Optimizer):
                 if binding.lr_groups[g] or binding.momentum_groups[g]:
                     row = list(row)
                     lr = self.param_groups[g]["lr"]
-                    if host_lrs is not None and not (lr is host_lrs[g] or _same_value(lr, host_lrs[g])):
+                    if host_lrs is not None and not same_lr(lr, host_lrs[g]):
                         # Written by hand since the scheduler's last step: that lr holds, as it would in torch.
                         row[_hyper.FLAGS] = float(int(row[_hyper.FLAGS]) | _hyper.LR_FROM_TABLE)
                     elif binding.lr_groups[g]:
@@ -489,7 +487,7 @@ class FusedOptimizer(Optimizer):
             self._hyper[device] = table
         return table
 
-    def _check_param(self, p: torch.Tensor) -> None:
+    def _check_param(self, p: torch.Tensor, group: dict) -> None:
         g = p.grad
         name = type(self).__name__
         if g.is_sparse:
@@ -514,6 +512,9 @@ class FusedOptimizer(Optimizer):
             if _local(g).shape != _local(p).shape:
                 raise ValueError(f"gradient shard of shape {tuple(_local(g).shape)} differs from the parameter's "
                                  f"{tuple(_local(p).shape)}")
+        if group.get("stochastic_rounding") and p.dtype == torch.float16:
+            raise ValueError("stochastic_rounding rounds bfloat16 parameters; a float16 parameter needs "
+                             "master_weights=True instead")
         if not _dense(_local(p)):
             raise ValueError("fused_sched needs parameters whose elements are dense in memory (a view that skips "
                              "elements cannot be updated in place by a fused kernel)")
@@ -539,10 +540,7 @@ class FusedOptimizer(Optimizer):
         # Validate everything first: a rejected step must not leave half-created state behind.
         resolved = {}
         for index, _, p in with_grad:
-            self._check_param(p)
-            if self.param_groups[index].get("stochastic_rounding") and p.dtype == torch.float16:
-                raise ValueError("stochastic_rounding rounds bfloat16 parameters; a float16 parameter needs "
-                                 "master_weights=True instead")
+            self._check_param(p, self.param_groups[index])
             if p.device not in resolved:
                 resolved[p.device] = backends.resolve(self.backend, p.device)
         for _, _, p in with_grad:
@@ -671,13 +669,6 @@ def _traced_tensor(value) -> bool:
     data-dependent graph break); it was checked when its param group was added, as a tensor lr's value is checked
     in eager steps too (the row holds 0.0 for it, so a new value never re-runs the checks)."""
     return isinstance(value, torch.Tensor) and torch.compiler.is_compiling()
-
-
-def _same_value(a, b) -> bool:
-    """An lr compared with the one the scheduler left (floats or one-element tensors; never a device read)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    return a == b
 
 
 def _shard_groups(params: list) -> list:
