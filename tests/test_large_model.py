@@ -440,7 +440,8 @@ def test_clip_grad_norm_matches_torch(backend, device, norm_type):
         _set(theirs, grads)
         total = opt.clip_grad_norm_(max_norm, norm_type)
         ref_total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=False)
-        # Different summation orders: the norms agree to float32 rounding.
+        # Different summation orders (and, for p = 3, Triton's exp2/log2 power): measured at most 1.24e-6 relative
+        # over these 4 norm types x 2 backends x 10 steps (~10 float32 ulps, for p = 3; ~1 ulp for p = 2).
         torch.testing.assert_close(total, ref_total, rtol=2e-6, atol=0)
         clipped += bool(ref_total > max_norm)
         opt.step()
@@ -491,7 +492,7 @@ def test_clip_inside_grad_scaler_step_matches_unscale_then_clip(backend, device)
         ref_norm = torch.nn.utils.clip_grad_norm_(theirs, 5.0, foreach=False)
         scaler_b.step(ref)
         scaler_b.update()
-        torch.testing.assert_close(opt.last_grad_norm, ref_norm, rtol=2e-6, atol=0)
+        torch.testing.assert_close(opt.last_grad_norm, ref_norm, rtol=2e-6, atol=0)  # see test_clip_grad_norm_...
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=ATOL)
 

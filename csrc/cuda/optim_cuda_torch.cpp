@@ -220,7 +220,8 @@ CheckedOptions check_options(at::TensorList params, const at::Device& device,
 void record_step_advance(const std::optional<at::Tensor>& step_advance, const std::optional<at::Tensor>& found_inf) {
   if (!step_advance.has_value() || !step_advance->defined()) return;
   if (found_inf.has_value() && found_inf->defined()) {
-    step_advance->copy_(found_inf->eq(0).reshape(step_advance->sizes()));
+    // Set to 1 by a step that ran, left as it is by a skipped one (the kernels' rule, csrc/cpu/optim_cpu.h).
+    step_advance->copy_(at::maximum(*step_advance, found_inf->eq(0).to(at::kDouble).reshape(step_advance->sizes())));
   } else {
     step_advance->fill_(1.0);
   }
