@@ -22,3 +22,31 @@ for src in "${sources[@]}"; do
     -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
     -c "$src" -o "$out/$(basename "$src").o"
 done
+
+# The torch glue (csrc/cuda/optim_cuda_torch.cpp) is built only against a CUDA build of torch. A CPU build of torch
+# ships every header it includes except c10/cuda/impl/cuda_cmake_macros.h, which torch's CUDA build generates (one
+# macro, C10_CUDA_BUILD_SHARED_LIBS). With that one header stubbed, g++ -fsyntax-only type-checks the glue (and
+# the operator registrations' signatures) against the installed torch's headers and CUDA's.
+CXX=${CXX:-g++}
+# CUDA's headers: $CUDA_HOME, else beside the real nvcc (it may be a wrapper script elsewhere), else the default.
+cuda_include=""
+for candidate in ${CUDA_HOME:+"$CUDA_HOME/include"} "$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include" \
+    /usr/local/cuda/include; do
+  if [ -f "$candidate/cuda_runtime.h" ]; then cuda_include=$candidate; break; fi
+done
+if [ -z "$cuda_include" ]; then
+  echo "CUDA headers not found (set CUDA_HOME): torch glue check skipped"
+  exit 0
+fi
+torch_include=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join(include_paths()))")
+stub=$out/stub/c10/cuda/impl
+mkdir -p "$stub"
+printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$stub/cuda_cmake_macros.h"
+includes=()
+for dir in $torch_include; do includes+=(-isystem "$dir"); done
+for glue in csrc/cuda/*_torch.cpp; do
+  echo "g++ -fsyntax-only $glue (CPU torch headers + CUDA headers; one generated torch header stubbed)"
+  "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -isystem "$out/stub" "${includes[@]}" -isystem "$cuda_include" \
+    -Icsrc -Icsrc/include -Icsrc/cuda -DFUSED_SCHED_WITH_CUDA "$glue"
+done
+rm -rf "$out"
