@@ -32,6 +32,7 @@ import time
 import torch
 
 import fused_sched
+from fused_sched._extension import load_extension
 
 from .impls import hf_cosine
 from .measure import quantile, write_record
@@ -59,17 +60,26 @@ def _grads(params, seed=1):
     return [(torch.randn(p.shape, generator=gen) * 1e-2).to(device=p.device, dtype=p.dtype) for p in params]
 
 
-def _fused_backend(device) -> str:
-    return "cpu" if device.type == "cpu" else "triton"
+def _fused_backends(device) -> list[str]:
+    """fused_sched's backends for `device`: cpu on a CPU; triton, and cuda when compiled, on a GPU."""
+    if device.type == "cpu":
+        return ["cpu"]
+    return ["triton"] + (["cuda"] if load_extension().cuda_compiled() else [])
 
 
-def _fused_sched(device, dtype, **kwargs):
+def _per_backend(device, name, make):
+    """{row name: make(backend)} over the backends of `device` (the backend named when there are several)."""
+    names = _fused_backends(device)
+    return {(f"{name} [{b}]" if len(names) > 1 else name): make(b) for b in names}
+
+
+def _fused_sched(device, dtype, backend, **kwargs):
     """fused_sched.AdamW with these options and its device cosine schedule; the gradients set, then the phase."""
 
     def build():
         params = _params(device, dtype)
         grads = _grads(params)
-        opt = fused_sched.AdamW(params, lr=LR, backend=_fused_backend(device), **kwargs)
+        opt = fused_sched.AdamW(params, lr=LR, backend=backend, **kwargs)
         sched = fused_sched.get_cosine_schedule_with_warmup(opt, 100, 10_000)
 
         def phase():
@@ -104,7 +114,8 @@ def clip_recipe(device):
 
     return {"torch fused + clip_grad_norm_": torch_impl("fused"),
             "torch foreach + clip_grad_norm_": torch_impl("foreach"),
-            "fused_sched max_grad_norm": _fused_sched(device, torch.float32, max_grad_norm=MAX_NORM)}
+            **_per_backend(device, "fused_sched max_grad_norm",
+                           lambda b: _fused_sched(device, torch.float32, b, max_grad_norm=MAX_NORM))}
 
 
 def amp_recipe(device):
@@ -134,13 +145,15 @@ def amp_recipe(device):
             return opt, hf_cosine(opt)
         return factory
 
-    def fused_factory(params):
-        opt = fused_sched.AdamW(params, lr=LR, backend=_fused_backend(device))
-        return opt, fused_sched.get_cosine_schedule_with_warmup(opt, 100, 10_000)
+    def fused_factory(backend):
+        def factory(params):
+            opt = fused_sched.AdamW(params, lr=LR, backend=backend)
+            return opt, fused_sched.get_cosine_schedule_with_warmup(opt, 100, 10_000)
+        return factory
 
     return {"torch fused + GradScaler": make(torch_opt("fused")),
             "torch foreach + GradScaler": make(torch_opt("foreach")),
-            "fused_sched + GradScaler": make(fused_factory)}
+            **_per_backend(device, "fused_sched + GradScaler", lambda b: make(fused_factory(b)))}
 
 
 def master_recipe(device):
@@ -167,9 +180,11 @@ def master_recipe(device):
 
     return {"torch fused on fp32 masters + copies": torch_impl("fused"),
             "torch foreach on fp32 masters + copies": torch_impl("foreach"),
-            "fused_sched master_weights": _fused_sched(device, torch.bfloat16, master_weights=True),
-            "fused_sched stochastic_rounding": _fused_sched(device, torch.bfloat16, stochastic_rounding=True),
-            "fused_sched plain bf16": _fused_sched(device, torch.bfloat16)}
+            **_per_backend(device, "fused_sched master_weights",
+                           lambda b: _fused_sched(device, torch.bfloat16, b, master_weights=True)),
+            **_per_backend(device, "fused_sched stochastic_rounding",
+                           lambda b: _fused_sched(device, torch.bfloat16, b, stochastic_rounding=True)),
+            **_per_backend(device, "fused_sched plain bf16", lambda b: _fused_sched(device, torch.bfloat16, b))}
 
 
 BUILDERS = {"clip": clip_recipe, "amp": amp_recipe, "master": master_recipe}

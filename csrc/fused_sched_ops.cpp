@@ -43,6 +43,29 @@ TORCH_LIBRARY(fused_sched, m) {
   m.def(
       "grad_norm_clip(Tensor[] grads, int[] bucket_sizes, float norm_type, float max_norm, "
       "Tensor? grad_scale=None) -> Tensor");
+  // The CUDA kernels on a bucket's device-resident tables (csrc/cuda/optim_cuda.h: the Triton backend's address
+  // table, chunk map and ticket counter), for the optimizers' eager step (fused_sched/backends/cuda_backend.py).
+  // Implemented for CUDA tensors only (csrc/cuda/optim_cuda_torch.cpp). The parameters, gradients, states, steps
+  // and master copies they write are reached through the table's addresses, which the dispatcher cannot see:
+  // these ops are for eager calls (and CUDA-graph capture) only; torch.compile traces adam_step_ / sgd_step_,
+  // whose schemas name every written tensor. param_dtype: the dtype of the bucket's parameters.
+  m.def(
+      "cuda_adam_tables_(Tensor table, Tensor chunks, int chunk_elements, ScalarType param_dtype, Tensor hyper, "
+      "Tensor(a!) counter, Tensor? schedule=None, Tensor? schedule_step=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None, int sr_seed=0) -> ()");
+  // SGD: the kernel also clears the table's fresh-buffer flags (column 5), hence table(c!).
+  m.def(
+      "cuda_sgd_tables_(Tensor(c!) table, Tensor chunks, int chunk_elements, ScalarType param_dtype, Tensor hyper, "
+      "Tensor(a!) counter, Tensor? schedule=None, Tensor? schedule_step=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None) -> ()");
+  // A fused clip's norm pass over one bucket's tables (optim_cuda.h launch_grad_norm_tables): writes its partial
+  // sums at partials[slot_offset ...] and returns how many slots it used (a host value: the grid size, no sync);
+  // the launch with finalize=True writes out = float32 [total_norm, clip_coef]. partials must hold slot_offset +
+  // max(1, n_chunks) float64s.
+  m.def(
+      "cuda_grad_norm_tables_(Tensor table, Tensor chunks, int chunk_elements, ScalarType grad_dtype, "
+      "Tensor(a!) partials, int slot_offset, Tensor(b!) counter, Tensor(c!) out, Tensor? grad_scale, "
+      "float norm_type, float max_norm, bool finalize) -> int");
 }
 
 namespace {

@@ -16,3 +16,38 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _cuda_backend_runnable():
+    """Makes backend="cuda" runnable: the CUDA kernels on a GPU (skipped when fused_sched was built without them),
+    their host build on CPU tensors otherwise (tests/cuda_host_emulation.py)."""
+    if torch.cuda.is_available():
+        import fused_sched._C as native
+
+        if not native.cuda_compiled():
+            pytest.skip("fused_sched was built without its CUDA kernels")
+        yield
+        return
+    import cuda_host_emulation
+
+    cuda_host_emulation.install()
+    try:
+        yield
+    finally:
+        cuda_host_emulation.uninstall()
+
+
+@pytest.fixture
+def cuda_backend():
+    """backend="cuda" is runnable in this test (see _cuda_backend_runnable)."""
+    yield from _cuda_backend_runnable()
+
+
+@pytest.fixture(autouse=True)
+def _backend_param_cuda(request):
+    """A test parametrized with backend="cuda" gets the cuda_backend fixture."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "cuda":
+        yield
+        return
+    yield from _cuda_backend_runnable()

@@ -16,8 +16,10 @@ import fused_sched
 from optim_reference import ATOL, clone_leaves, make_params
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (backend, device): the C++ CPU backend, and the Triton kernels (interpreted on CPU tensors without a GPU).
-BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("triton", DEVICE, id="triton")]
+# (backend, device): the C++ CPU backend, the Triton kernels (interpreted on CPU tensors without a GPU) and the
+# CUDA kernels (their host build on CPU tensors without a GPU: conftest.py).
+BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("triton", DEVICE, id="triton"),
+            pytest.param("cuda", DEVICE, id="cuda")]
 SHAPES = [(7,), (3000,), (), (13, 17)]
 
 
@@ -544,18 +546,19 @@ def test_clip_validation():
     assert float(fused_sched.AdamW(make_params(SHAPES)).clip_grad_norm_(1.0)) == 0.0  # no gradients: torch's 0
 
 
-def test_backends_agree_bit_for_bit_on_everything_at_once():
-    """Master weights + stochastic rounding groups, GradScaler, fused clip: the C++ and Triton kernels share their
-    math (optim_math.h and its Triton mirror) and agree to the bit."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backends_agree_bit_for_bit_on_everything_at_once(backend):
+    """Master weights + stochastic rounding groups, GradScaler, fused clip: the C++, Triton and CUDA kernels share
+    their math (optim_math.h, included by the CPU and CUDA kernels, and its Triton mirror) and agree to the bit."""
     results = []
-    for backend, device in (("cpu", "cpu"), ("triton", DEVICE)):
+    for name, device in (("cpu", "cpu"), (backend, DEVICE)):
         torch.manual_seed(3)
         base = make_params(SHAPES, dtype=torch.bfloat16, device=device)
         half = len(base) // 2
         params = clone_leaves(base)
         opt = fused_sched.AdamW([{"params": params[:half], "master_weights": True},
                                  {"params": params[half:], "stochastic_rounding": True}],
-                                lr=1e-2, max_grad_norm=10.0, backend=backend, rounding_seed=5)
+                                lr=1e-2, max_grad_norm=10.0, backend=name, rounding_seed=5)
         scaler = torch.amp.GradScaler(device, init_scale=2.0**6)
         _amp_loop(opt, params, scaler, steps=6, inf_steps=(3,))
         results.append(_snapshot(opt, params))

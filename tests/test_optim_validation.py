@@ -57,10 +57,18 @@ def test_constructor_validation(cls, kwargs, message):
 def test_cuda_backend_unavailable_is_a_clear_error():
     import fused_sched._C as native
 
-    # built without the kernels (CPU torch), or built but not yet driven by the optimizers
-    reason = "do not drive them yet" if native.cuda_compiled() else "built without its CUDA kernels"
-    with pytest.raises(ValueError, match=f"backend='cuda' is unavailable.*{reason}"):
-        fused_sched.AdamW([torch.nn.Parameter(torch.randn(3))], backend="cuda")
+    if native.cuda_compiled():
+        # Built with the kernels: backend="cuda" is accepted, and refused for CPU tensors at the first step.
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = fused_sched.AdamW([p], backend="cuda")
+        p.grad = torch.randn(3)
+        before = _snapshot(opt, [p])
+        with pytest.raises(ValueError, match="backend='cuda' runs CUDA tensors only"):
+            opt.step()
+        _assert_same(before, _snapshot(opt, [p]))
+    else:
+        with pytest.raises(ValueError, match="backend='cuda' is unavailable.*built without its CUDA kernels"):
+            fused_sched.AdamW([torch.nn.Parameter(torch.randn(3))], backend="cuda")
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):

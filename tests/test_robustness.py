@@ -15,7 +15,10 @@ import fused_sched
 from fused_sched import backends
 from optim_reference import FUSED, TORCH, clone_leaves, compare, grouped, set_grads
 
-BACKENDS = ["cpu"] + (["triton"] if backends.triton_interpreted() else [])
+# These tests run CPU tensors: the Triton kernels under the interpreter, the CUDA kernels as their host build
+# (conftest.py), both only on machines without a GPU.
+BACKENDS = (["cpu"] + (["triton"] if backends.triton_interpreted() else [])
+            + ([] if torch.cuda.is_available() else ["cuda"]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,6 +107,9 @@ def test_non_finite_values_propagate_like_torch(name, kwargs, backend):
 _RESUME_SCRIPT = textwrap.dedent("""
     import sys, torch, fused_sched
     mode, path, backend = sys.argv[1], sys.argv[2], sys.argv[3]
+    if backend == "cuda":
+        import cuda_host_emulation  # tests/ is on PYTHONPATH: the host build of the CUDA kernels
+        cuda_host_emulation.install()
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(300,), (7, 11), ()]]
     opt = fused_sched.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2,
@@ -138,6 +144,8 @@ def test_resume_in_a_new_process_is_bit_identical(backend, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_RESUME_SCRIPT)
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                                                      env.get("PYTHONPATH")]))
 
     def run(mode, path):
         subprocess.run([sys.executable, str(script), mode, str(path), backend], check=True, env=env)

@@ -1,13 +1,16 @@
-// CUDA implementations of fused_sched::adam_step_ and fused_sched::sgd_step_ (schemas in csrc/fused_sched_ops.cpp):
-// torch glue around the torch-free launchers of optim_cuda.cu. Built only against a CUDA build of torch, with
-// -DFUSED_SCHED_WITH_CUDA (setup.py).
+// CUDA implementations of the fused_sched operators (schemas in csrc/fused_sched_ops.cpp): torch glue around the
+// torch-free launchers of optim_cuda.cu. Built only against a CUDA build of torch, with -DFUSED_SCHED_WITH_CUDA
+// (setup.py). Nothing here synchronizes or reads a device value on the host.
 //
-// This op path builds the address table and the chunk map on the host for every call (in pinned memory) and
-// copies them to the device asynchronously on the current stream; it never synchronizes and never reads a device
-// value on the host. The optimizers' eager path will instead keep per-bucket cached device tables (OptimBucket's
-// address table, uploaded when it changes) and call the launchers directly; the Python side will be wired later.
-// Because the tables come from pinned host memory that is recycled after the copy, a CUDA-graph capture of this
-// op would replay stale host addresses: captured steps must use the cached device tables.
+// Two kinds of entry point:
+// * cuda_adam_tables_ / cuda_sgd_tables_ / cuda_grad_norm_tables_: the optimizers' eager step. The runner
+//   (fused_sched/backends/cuda_backend.py) keeps each bucket's address table, chunk map and ticket counter on the
+//   device and re-uploads the table only when an address changes, so a step is one launch and a CUDA graph can
+//   capture it.
+// * adam_step_ / sgd_step_ / grad_norm_clip on tensor lists: the torch.compile path (their schemas name every
+//   written tensor). They build the address table and chunk map on the host for every call (in pinned memory) and
+//   copy them to the device asynchronously on the current stream. Because that pinned memory is recycled after the
+//   copy, a CUDA-graph capture of these ops would replay stale host addresses: captured steps use the table ops.
 //
 // Differences from the CPU op (csrc/cpu/optim_cpu.cpp), all because the host reads no device value:
 // * hyper, schedule and schedule_step live on the parameters' device (like the Triton backend's tables), and so
@@ -21,6 +24,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -323,11 +327,199 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                                    options.launch));
 }
 
+// -- the ops on device-resident tables (the optimizers' eager runner, fused_sched/backends/cuda_backend.py) --------
+
+struct Tables {
+  int64_t* table = nullptr;
+  int64_t n_rows = 0;
+  const int64_t* chunks = nullptr;
+  int64_t n_chunks = 0;
+};
+
+// The address table and chunk map a runner keeps on the device. Their contents (addresses, group indices, chunk
+// bounds) are the C++ bucket's, checked when it was built and at every refresh (csrc/optim_bucket.cpp): reading
+// them here would need a device-to-host copy.
+Tables check_tables(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements) {
+  const at::Device device = table.device();
+  TORCH_CHECK(device.is_cuda(), "fused_sched: the CUDA table ops got a table on ", device);
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == kTableColumns &&
+                  table.is_contiguous(),
+              "fused_sched: table must be a contiguous int64 tensor [rows, ", int(kTableColumns), "], got ",
+              table.scalar_type(), " ", table.sizes());
+  TORCH_CHECK(chunks.device() == device && chunks.scalar_type() == at::kLong && chunks.dim() == 2 &&
+                  chunks.size(1) == 2 && chunks.is_contiguous(),
+              "fused_sched: chunks must be a contiguous int64 tensor [n_chunks, 2] on ", device, ", got ",
+              chunks.scalar_type(), " ", chunks.sizes(), " on ", chunks.device());
+  TORCH_CHECK(chunk_elements > 0, "fused_sched: chunk_elements must be positive, got ", chunk_elements);
+  Tables t;
+  t.table = table.data_ptr<int64_t>();
+  t.n_rows = table.size(0);
+  t.chunks = chunks.numel() > 0 ? chunks.data_ptr<int64_t>() : nullptr;
+  t.n_chunks = chunks.size(0);
+  return t;
+}
+
+int32_t* check_counter(const at::Tensor& counter, const at::Device& device) {
+  TORCH_CHECK(counter.device() == device && counter.scalar_type() == at::kInt && counter.numel() == 1,
+              "fused_sched: counter must be a one-element int32 tensor on ", device, ", got ", counter.scalar_type(),
+              " ", counter.sizes(), " on ", counter.device());
+  return counter.data_ptr<int32_t>();
+}
+
+void check_table_hyper(const at::Tensor& hyper, const at::Device& device) {
+  TORCH_CHECK(hyper.device() == device && hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
+                  hyper.size(1) == kHyperColumns && hyper.is_contiguous(),
+              "fused_sched: hyper must be a contiguous float64 tensor of shape [groups, ", int(kHyperColumns),
+              "] on ", device, ", got ", hyper.scalar_type(), " ", hyper.sizes(), " on ", hyper.device());
+}
+
+StepOptions table_options(const at::Device& device, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                          const std::optional<at::Tensor>& step_advance, int64_t sr_seed) {
+  StepOptions o;
+  o.grad_scale = step_scalar<float>(grad_scale, at::kFloat, device, "grad_scale");
+  o.found_inf = step_scalar<float>(found_inf, at::kFloat, device, "found_inf");
+  o.clip_coef = step_scalar<float>(clip_coef, at::kFloat, device, "clip_coef");
+  o.step_advance = step_scalar<double>(step_advance, at::kDouble, device, "step_advance");
+  o.sr_seed = static_cast<uint64_t>(sr_seed);
+  return o;
+}
+
+void adam_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements,
+                      at::ScalarType param_type, const at::Tensor& hyper, const at::Tensor& counter,
+                      const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
+                      int64_t sr_seed) {
+  const Tables t = check_tables(table, chunks, chunk_elements);
+  const at::Device device = table.device();
+  check_table_hyper(hyper, device);
+  const Schedule sched = check_schedule(hyper, schedule, schedule_step);
+  int32_t* ticket = check_counter(counter, device);
+  const StepOptions options = table_options(device, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
+  const ParamDtype dtype = param_dtype(param_type);
+  const c10::cuda::CUDAGuard guard(device);
+  C10_CUDA_CHECK(launch_adam_tables(dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements,
+                                    hyper.data_ptr<double>(), sched.program, sched.segments, sched.step, ticket,
+                                    c10::cuda::getCurrentCUDAStream(device.index()).stream(), options));
+}
+
+void sgd_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements,
+                     at::ScalarType param_type, const at::Tensor& hyper, const at::Tensor& counter,
+                     const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance) {
+  const Tables t = check_tables(table, chunks, chunk_elements);
+  const at::Device device = table.device();
+  check_table_hyper(hyper, device);
+  const Schedule sched = check_schedule(hyper, schedule, schedule_step);
+  int32_t* ticket = check_counter(counter, device);
+  const StepOptions options = table_options(device, grad_scale, found_inf, clip_coef, step_advance, 0);
+  const ParamDtype dtype = param_dtype(param_type);
+  const c10::cuda::CUDAGuard guard(device);
+  C10_CUDA_CHECK(launch_sgd_tables(dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements,
+                                   hyper.data_ptr<double>(), sched.program, sched.segments, sched.step, ticket,
+                                   c10::cuda::getCurrentCUDAStream(device.index()).stream(), options));
+}
+
+int64_t grad_norm_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements,
+                              at::ScalarType grad_type, const at::Tensor& partials, int64_t slot_offset,
+                              const at::Tensor& counter, const at::Tensor& out,
+                              const std::optional<at::Tensor>& grad_scale, double norm_type, double max_norm,
+                              bool finalize) {
+  const Tables t = check_tables(table, chunks, chunk_elements);
+  const at::Device device = table.device();
+  TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
+  TORCH_CHECK(slot_offset >= 0, "fused_sched: slot_offset must not be negative, got ", slot_offset);
+  // The launch uses at most max(1, n_chunks) slots (its grid, grad_norm_slots).
+  TORCH_CHECK(partials.device() == device && partials.scalar_type() == at::kDouble && partials.is_contiguous() &&
+                  partials.numel() >= slot_offset + std::max<int64_t>(1, t.n_chunks),
+              "fused_sched: partials must be a contiguous float64 tensor on ", device, " of at least ",
+              slot_offset + std::max<int64_t>(1, t.n_chunks), " elements, got ", partials.scalar_type(), " ",
+              partials.sizes(), " on ", partials.device());
+  TORCH_CHECK(out.device() == device && out.scalar_type() == at::kFloat && out.numel() == 2 && out.is_contiguous(),
+              "fused_sched: out must be a contiguous two-element float32 tensor on ", device);
+  int32_t* ticket = check_counter(counter, device);
+  const float* scale = step_scalar<float>(grad_scale, at::kFloat, device, "grad_scale");
+  const ParamDtype dtype = param_dtype(grad_type);
+  const c10::cuda::CUDAGuard guard(device);
+  int64_t slots = 0;
+  C10_CUDA_CHECK(launch_grad_norm_tables(dtype, t.table, t.chunks, t.n_chunks, chunk_elements,
+                                         partials.data_ptr<double>(), slot_offset, ticket, out.data_ptr<float>(),
+                                         scale, norm_type, static_cast<float>(max_norm), finalize, &slots,
+                                         c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  return slots;
+}
+
+// fused_sched::grad_norm_clip for CUDA gradients (the optimizers' torch.compile path): the norm kernel over tables
+// built for this call, one launch per bucket, the last finalizing, as the eager runner's norm pass does.
+at::Tensor grad_norm_clip_cuda(at::TensorList grads, at::IntArrayRef bucket_sizes, double norm_type,
+                               double max_norm, const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
+  int64_t total_size = 0;
+  for (int64_t n : bucket_sizes) {
+    TORCH_CHECK(n > 0, "fused_sched: bucket_sizes must be positive");
+    total_size += n;
+  }
+  TORCH_CHECK(total_size == static_cast<int64_t>(grads.size()) && total_size > 0, "fused_sched: bucket_sizes add up to ",
+              total_size, " but ", grads.size(), " grads were given");
+  const at::Device device = grads[0].device();
+  TORCH_CHECK(device.is_cuda(), "fused_sched: the CUDA op got tensors on ", device);
+  int64_t offset = 0;
+  for (int64_t n : bucket_sizes) {
+    const at::Tensor& first = grads[static_cast<size_t>(offset)];
+    for (int64_t i = offset; i < offset + n; ++i) {
+      const at::Tensor& g = grads[static_cast<size_t>(i)];
+      TORCH_CHECK(g.device() == device && g.scalar_type() == first.scalar_type() &&
+                      g.is_non_overlapping_and_dense(),
+                  "fused_sched: grads[", i, "] must be a dense ", first.scalar_type(), " tensor on ", device);
+    }
+    offset += n;
+  }
+  const float* scale = step_scalar<float>(grad_scale, at::kFloat, device, "grad_scale");
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<DeviceTables> tables;
+  int64_t slots = 0;
+  offset = 0;
+  for (int64_t n : bucket_sizes) {
+    const at::TensorList members = grads.slice(static_cast<size_t>(offset), static_cast<size_t>(n));
+    tables.push_back(upload_tables(members, device, [&](size_t i, int64_t* row) {
+      std::fill(row, row + kTableColumns, 0);
+      row[kColGrad] = address(members[i]);
+      row[kColNumel] = members[i].numel();
+    }));
+    slots += std::max<int64_t>(1, tables.back().n_chunks);
+    offset += n;
+  }
+  at::Tensor partials = at::empty({slots}, at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kFloat).device(device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  int64_t slot_offset = 0;
+  offset = 0;
+  for (size_t k = 0; k < tables.size(); ++k) {
+    const DeviceTables& d = tables[k];
+    int64_t used = 0;
+    C10_CUDA_CHECK(launch_grad_norm_tables(param_dtype(grads[static_cast<size_t>(offset)].scalar_type()), d.table,
+                                           d.chunks, d.n_chunks, kDefaultChunkElements, partials.data_ptr<double>(),
+                                           slot_offset, counter.data_ptr<int32_t>(), out.data_ptr<float>(), scale,
+                                           norm_type, static_cast<float>(max_norm), k + 1 == tables.size(), &used,
+                                           stream));
+    slot_offset += used;
+    offset += bucket_sizes[k];
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_sched, CUDA, m) {
   m.impl("adam_step_", &adam_step_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
+  m.impl("cuda_adam_tables_", &adam_tables_cuda);
+  m.impl("cuda_sgd_tables_", &sgd_tables_cuda);
+  m.impl("cuda_grad_norm_tables_", &grad_norm_tables_cuda);
+  m.impl("grad_norm_clip", &grad_norm_clip_cuda);
 }
 
 }  // namespace fused_sched::cuda

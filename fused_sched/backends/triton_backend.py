@@ -1,10 +1,8 @@
-"""The Triton backend: device tables for one bucket and the launch; the registered custom ops.
+"""The Triton backend: the launch on a bucket's device tables; the registered custom ops.
 
 Eager path (the optimizers): ``TritonBucketRunner`` keeps the bucket's address table, chunk map and ticket
-counter on the device. Each step the C++ bucket, while it checks the gradients, rewrites its host copy of the
-address table and notes whether any entry changed (2000 tensors: ~100 us for the check and the table together on
-the 2-core CI machine). Only a changed table is copied to the device (pinned memory, non-blocking: no host-device
-sync), and only when a tensor size changes is the chunk map rebuilt. Then one launch updates the whole bucket.
+counter on the device (``device_tables.DeviceTables``: uploaded only when an address changes), and one launch
+updates the whole bucket.
 
 Registered ops: ``torch.ops.fused_sched.triton_adam_step_`` / ``triton_sgd_step_`` take the C++ ops' arguments
 (tensor lists, schedule, master weights, GradScaler and clipping inputs) and declare what they mutate, and
@@ -21,6 +19,7 @@ import torch
 
 from . import triton_interpreted
 from . import triton_kernels as kernels
+from .device_tables import DeviceTables, NormWorkspace, build_chunks, combine_partials, to_device
 
 # Under the interpreter every Triton operation is a numpy call with Python overhead, so fewer, larger blocks
 # run faster (CI time); three programs still exercise the persistent loop and the last-program ticket.
@@ -44,32 +43,21 @@ def _launch_config(device: torch.device, numels: list[int]) -> tuple[dict, torch
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         programs, block, chunk = _PROGRAMS_PER_SM * _num_sms(index), kernels.DEFAULT_BLOCK, kernels.DEFAULT_CHUNK
-    chunks = kernels.build_chunks(numels, chunk)
+    chunks = build_chunks(numels, chunk)
     return {"num_programs": max(1, min(programs, chunks.shape[0])), "BLOCK": block, "CHUNK": chunk}, chunks
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return host.clone()
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-class TritonBucketRunner:
-    """Device-resident tables of one bucket, rebuilt only when an address or a size changes."""
+class TritonBucketRunner(DeviceTables):
+    """One bucket's device tables and its Triton launch."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
-        if algorithm not in ("adam", "sgd"):
-            raise ValueError(f"unknown algorithm {algorithm!r}")
-        self.device = device
-        self.dtype = dtype
+        super().__init__(device, dtype, algorithm)
         self.launch = kernels.launch_adam if algorithm == "adam" else kernels.launch_sgd
-        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
-        self.table = None
-        self.numels = None
-        self.chunks = None
         self.config = None
-        self.uploads = 0  # how many times the address table was copied to the device (tests read it)
-        self.norm_workspace = None  # grad_norm_pass's, when this runner comes first in its plan
+
+    def _configure(self, numels: list[int]) -> torch.Tensor:
+        self.config, chunks = _launch_config(self.device, numels)
+        return chunks
 
     def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
             schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
@@ -84,34 +72,10 @@ class TritonBucketRunner:
                     CHUNK=self.config["CHUNK"])
         native_bucket.release_grads()
 
-    def sync_tables(self, native_bucket, fresh: list[int] | None = None) -> None:
-        """Uploads the address table if the last refresh_grads() changed it (or `fresh` flags are to be set)."""
-        # refresh_grads() (called by the plan check just before) rewrote the bucket's host table and noted
-        # whether any address changed: that is the whole per-step check.
-        changed = native_bucket.table_changed() or self.table is None
-        if fresh is not None and any(fresh):
-            native_bucket.address_table()[:, kernels.COL_STEP] = torch.tensor(fresh, dtype=torch.int64)
-            changed = True
-        if changed:
-            self._rebuild(native_bucket.address_table())
-
-    def _rebuild(self, host: torch.Tensor) -> None:
-        numels = host[:, kernels.COL_NUMEL]
-        if self.numels is None or not torch.equal(numels, self.numels):
-            self.config, chunks = _launch_config(self.device, numels.tolist())
-            self.chunks = _to_device(chunks, self.device)
-            self.numels = numels.clone()
-        self.table = _to_device(host, self.device)
-        self.uploads += 1
-
-
-class _NormWorkspace:
-    """The partials of a fused clip's norm pass and the counter of its finalizing launch. Held by the first runner
-    of an optimizer's plan, so two optimizers clipping on concurrent streams never share one."""
-
-    def __init__(self, device: torch.device, slots: int):
-        self.partials = torch.empty(slots, dtype=torch.float64, device=device)
-        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+    @staticmethod
+    def norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
+                  finalize: bool = True) -> torch.Tensor:
+        return grad_norm_pass(buckets, norm_type, max_norm, grad_scale, finalize)
 
 
 def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
@@ -124,10 +88,7 @@ def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch
         runner.sync_tables(native)
     device = buckets[0][1].device
     slots = sum(max(1, min(r.config["num_programs"], r.chunks.shape[0])) for _, r in buckets)
-    holder = buckets[0][1]
-    workspace = holder.norm_workspace
-    if workspace is None or workspace.partials.numel() < slots:
-        workspace = holder.norm_workspace = _NormWorkspace(device, slots)
+    workspace = NormWorkspace.of(buckets[0][1], slots)
     out = torch.empty(2, dtype=torch.float32, device=device)
     offset = 0
     for k, (_, runner) in enumerate(buckets):
@@ -138,10 +99,7 @@ def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch
         )
     if finalize:
         return out
-    partials = workspace.partials[:offset]
-    if norm_type == float("inf"):
-        return partials.max().reshape(1)  # torch.max propagates NaN
-    return partials.sum().reshape(1)
+    return combine_partials(workspace.partials[:offset], norm_type)
 
 
 def _address_table(params, grads, states, steps, group_index, master_params=None, param_ids=None) -> torch.Tensor:
@@ -187,7 +145,7 @@ def _launch_from_lists(launch, params, table_host, hyper, **options):
     device, dtype = params[0].device, params[0].dtype
     config, chunks = _launch_config(device, table_host[:, kernels.COL_NUMEL].tolist())
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    launch(_to_device(table_host, device), _to_device(chunks, device), hyper, counter, dtype,
+    launch(to_device(table_host, device), to_device(chunks, device), hyper, counter, dtype,
            config["num_programs"], BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], **options)
 
 
@@ -278,7 +236,7 @@ def triton_grad_norm_clip(
         offset += n
         table = _address_table(members, members, [], [0] * n, [0] * n)
         config, chunks = _launch_config(device, table[:, kernels.COL_NUMEL].tolist())
-        launches.append((members[0].dtype, _to_device(table, device), _to_device(chunks, device), config))
+        launches.append((members[0].dtype, to_device(table, device), to_device(chunks, device), config))
     slots = sum(max(1, min(config["num_programs"], chunks.shape[0])) for _, _, chunks, config in launches)
     partials = torch.empty(slots, dtype=torch.float64, device=device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)

@@ -63,7 +63,11 @@ import triton
 import triton.language as tl
 
 from .._schedule_program import COLUMNS as _SCHEDULE_COLUMNS
+from .device_tables import COL_MASTER, COL_NUMEL, COL_PARAM_ID, COL_STEP, TABLE_COLUMNS, build_chunks
 from .triton_schedule import dd_mul, evaluate_program
+
+__all__ = ["COL_MASTER", "COL_NUMEL", "COL_PARAM_ID", "COL_STEP", "TABLE_COLUMNS", "build_chunks", "launch_adam",
+           "launch_sgd", "launch_grad_norm"]
 
 # Untuned: no GPU was available when these were chosen. CHUNK must be a multiple of BLOCK, BLOCK a power of two.
 DEFAULT_BLOCK = 1024  # elements per inner iteration of a program
@@ -84,28 +88,11 @@ _DECOUPLED_WEIGHT_DECAY = tl.constexpr(8)
 _STOCHASTIC_ROUNDING = tl.constexpr(16)
 _LR_FROM_TABLE = tl.constexpr(64)
 
-# Address table layout (optim_math.h TableColumn).
-TABLE_COLUMNS = 10
-COL_STEP, COL_NUMEL, COL_MASTER, COL_PARAM_ID = 5, 6, 8, 9
+# Address table layout (optim_math.h TableColumn): device_tables.py, shared with the CUDA backend.
 _W = tl.constexpr(TABLE_COLUMNS)
 
 # Norm kinds of the norm pass (grad_norm_kernel's NORM constexpr).
 NORM_TWO, NORM_ONE, NORM_INF, NORM_P = 0, 1, 2, 3
-
-
-def build_chunks(numels: list[int], chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """The chunk map of tensors with these element counts: CPU int64 ``[n_chunks, 2]`` of (row, start).
-
-    A tensor of numel 0 gets no chunk. ``chunk`` must be the CHUNK the launcher is given.
-    """
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, got {chunk}")
-    numels_t = torch.tensor(numels, dtype=torch.int64).reshape(-1)
-    counts = (numels_t + chunk - 1) // chunk
-    rows = torch.repeat_interleave(torch.arange(numels_t.numel(), dtype=torch.int64), counts)
-    first = torch.cumsum(counts, 0) - counts
-    starts = (torch.arange(rows.numel(), dtype=torch.int64) - first[rows]) * chunk
-    return torch.stack([rows, starts], dim=1)
 
 
 @triton.jit

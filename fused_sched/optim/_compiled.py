@@ -10,12 +10,13 @@ call into them would be a graph break, with the update running outside the graph
   reuses it;
 * the traced code groups the parameters with a gradient into (device, dtype) buckets in the eager plan's order
   (Dynamo runs this Python once and guards on what it read) and makes one operator call per bucket with the
-  arguments the eager bucket would pass: ``torch.ops.fused_sched.adam_step_`` / ``sgd_step_`` (C++, CPU tensors)
-  or ``triton_adam_step_`` / ``triton_sgd_step_`` (the Triton kernels, custom ops in backends/triton_backend.py);
-  fake implementations let Dynamo trace them without running them;
-* a fused clip's norm pass is one operator call over every bucket, ``fused_sched::grad_norm_clip`` (C++) or
-  ``fused_sched::triton_grad_norm_clip``, returning float32 [total_norm, clip_coef] computed as the eager path
-  computes them;
+  arguments the eager bucket would pass: ``torch.ops.fused_sched.adam_step_`` / ``sgd_step_`` (C++: the CPU
+  kernels for CPU tensors, the CUDA kernels for CUDA tensors with backend "cuda") or ``triton_adam_step_`` /
+  ``triton_sgd_step_`` (the Triton kernels, custom ops in backends/triton_backend.py); fake implementations let
+  Dynamo trace them without running them;
+* a fused clip's norm pass is one operator call over every bucket, ``fused_sched::grad_norm_clip`` (C++, CPU or
+  CUDA) or ``fused_sched::triton_grad_norm_clip``, returning float32 [total_norm, clip_coef] computed as the eager
+  path computes them;
 * what a step writes besides tensors goes to the dict ``FusedOptimizer._slots``, never to an attribute of the
   optimizer: Dynamo (torch 2.13) silently drops attribute stores on a torch.optim.Optimizer.
 
@@ -246,10 +247,10 @@ def clip_pass(buckets: list[dict], max_norm: float, norm_type: float, grad_scale
     scale = _fo._on(grad_scale, device)
     grads = [g for bucket in buckets for g in bucket["grads"]]
     sizes = [len(bucket["grads"]) for bucket in buckets]
-    if all([bucket["backend"] == "cpu" for bucket in buckets]):
-        out = torch.ops.fused_sched.grad_norm_clip(grads, sizes, float(norm_type), float(max_norm), scale)
-    else:
+    if buckets[0]["backend"] == "triton":  # one device, so one backend
         out = torch.ops.fused_sched.triton_grad_norm_clip(grads, sizes, float(norm_type), float(max_norm), scale)
+    else:  # the C++ operator: CPU or CUDA kernels, as the gradients' device dispatches
+        out = torch.ops.fused_sched.grad_norm_clip(grads, sizes, float(norm_type), float(max_norm), scale)
     return out[0], {device: out[1:2]}
 
 

@@ -416,13 +416,13 @@ class FusedOptimizer(Optimizer):
                 return out[0], {device: out[1:2]}
             accumulated = torch.tensor([accumulated], dtype=torch.float64, device=device)
         else:
-            from ..backends.triton_backend import grad_norm_pass
-
+            # One device, so one backend: its runners' norm pass (triton_backend / cuda_backend).
+            norm_pass = type(plan.buckets[0].runner).norm_pass
+            pairs = [(b.native, b.runner) for b in plan.buckets]
             if not groups:
-                out = grad_norm_pass([(b.native, b.runner) for b in plan.buckets], norm_type, max_norm, scale)
+                out = norm_pass(pairs, norm_type, max_norm, scale)
                 return out[0], {device: out[1:2]}
-            accumulated = grad_norm_pass([(b.native, b.runner) for b in plan.buckets], norm_type, max_norm, scale,
-                                         finalize=False)
+            accumulated = norm_pass(pairs, norm_type, max_norm, scale, finalize=False)
         out = _finalize_sharded_clip(accumulated, groups, norm_type, max_norm)
         return out[0], {device: out[1:2]}
 
@@ -587,6 +587,10 @@ class FusedOptimizer(Optimizer):
                 from ..backends.triton_backend import TritonBucketRunner
 
                 bucket.runner = TritonBucketRunner(device, dtype, self._algorithm)
+            elif bucket.backend == "cuda":
+                from ..backends.cuda_backend import CudaBucketRunner
+
+                bucket.runner = CudaBucketRunner(device, dtype, self._algorithm)
             # SGD: a momentum buffer created by this step takes the gradient as it is (torch clones it).
             bucket.fresh = [int(m[2] or i in fresh_ids) for m, i in zip(members, ids, strict=True)]
             problem = bucket.native.refresh_grads()

@@ -1,0 +1,113 @@
+"""What the device backends (Triton and CUDA) share: a bucket's address table, chunk map and ticket counter, kept
+on the bucket's device and re-uploaded only when an address or a size changes.
+
+The layout is one contract for every kernel (csrc/include/fused_sched/optim_math.h ``TableColumn``,
+csrc/cuda/optim_cuda.h, triton_kernels.py):
+
+* address table: int64 ``[n, TABLE_COLUMNS]``, one row per tensor: param, grad, state0, state1, state2 addresses,
+  column 5 (Adam: the address of the float32 step tensor; SGD: the "fresh buffer" flag), numel, param-group index,
+  float32 master-copy address, param id. The C++ bucket (``OptimBucket.address_table``) writes it on the host.
+* chunk map (``build_chunks``): int64 ``[n_chunks, 2]`` of (row, start); a chunk covers elements
+  ``[start, min(start + chunk, numel))`` of one tensor.
+* ticket counter: int32 ``[1]``, zero before the first launch; each launch leaves it zero.
+
+Each step the C++ bucket, while it checks the gradients, rewrites its host copy of the address table and notes
+whether any entry changed (2000 tensors: ~100 us for the check and the table together on the 2-core CI machine).
+Only a changed table is copied to the device (pinned memory, non-blocking: no host-device sync), and only when a
+tensor size changes is the chunk map rebuilt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TABLE_COLUMNS = 10
+COL_GRAD, COL_STEP, COL_NUMEL, COL_MASTER, COL_PARAM_ID = 1, 5, 6, 8, 9
+
+
+def build_chunks(numels: list[int], chunk: int) -> torch.Tensor:
+    """The chunk map of tensors with these element counts: CPU int64 ``[n_chunks, 2]`` of (row, start).
+
+    A tensor of numel 0 gets no chunk. ``chunk`` must be the chunk size the launcher is given.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    numels_t = torch.tensor(numels, dtype=torch.int64).reshape(-1)
+    counts = (numels_t + chunk - 1) // chunk
+    rows = torch.repeat_interleave(torch.arange(numels_t.numel(), dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    starts = (torch.arange(rows.numel(), dtype=torch.int64) - first[rows]) * chunk
+    return torch.stack([rows, starts], dim=1)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the CPU tensor `host` on `device`: pinned and non-blocking for an accelerator (no sync)."""
+    if device.type == "cpu":
+        return host.clone()
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class DeviceTables:
+    """The device tables of one bucket. Subclasses choose the chunk size (``_configure``) and launch the kernels
+    (``run``)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
+        if algorithm not in ("adam", "sgd"):
+            raise ValueError(f"unknown algorithm {algorithm!r}")
+        self.device = device
+        self.dtype = dtype
+        self.algorithm = algorithm
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+        self.table = None
+        self.numels = None
+        self.chunks = None
+        self.uploads = 0  # how many times the address table was copied to the device (tests read it)
+        self.norm_workspace = None  # the norm pass's, when this runner comes first in its plan
+
+    def _configure(self, numels: list[int]) -> torch.Tensor:
+        """Set the launch configuration for tensors of `numels` elements; return the host chunk map."""
+        raise NotImplementedError
+
+    def sync_tables(self, native_bucket, fresh: list[int] | None = None) -> None:
+        """Uploads the address table if the last refresh_grads() changed it (or `fresh` flags are to be set)."""
+        # refresh_grads() (called by the plan check just before) rewrote the bucket's host table and noted
+        # whether any address changed: that is the whole per-step check.
+        changed = native_bucket.table_changed() or self.table is None
+        if fresh is not None and any(fresh):
+            native_bucket.address_table()[:, COL_STEP] = torch.tensor(fresh, dtype=torch.int64)
+            changed = True
+        if changed:
+            self._rebuild(native_bucket.address_table())
+
+    def _rebuild(self, host: torch.Tensor) -> None:
+        numels = host[:, COL_NUMEL]
+        if self.numels is None or not torch.equal(numels, self.numels):
+            self.chunks = to_device(self._configure(numels.tolist()), self.device)
+            self.numels = numels.clone()
+        self.table = to_device(host, self.device)
+        self.uploads += 1
+
+
+class NormWorkspace:
+    """The partials of a fused clip's norm pass and the counter of its finalizing launch. Held by the first runner
+    of an optimizer's plan, so two optimizers clipping on concurrent streams never share one."""
+
+    def __init__(self, device: torch.device, slots: int):
+        self.partials = torch.empty(slots, dtype=torch.float64, device=device)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def of(holder: DeviceTables, slots: int) -> NormWorkspace:
+        """`holder`'s workspace, replaced by a larger one when it has fewer than `slots` partials."""
+        workspace = holder.norm_workspace
+        if workspace is None or workspace.partials.numel() < slots:
+            workspace = holder.norm_workspace = NormWorkspace(holder.device, slots)
+        return workspace
+
+
+def combine_partials(partials: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """The float64 [1] accumulation of a norm pass's partials (sum of |g|^p, or max |g| for inf), for a caller that
+    reduces it across processes before the coefficient is computed."""
+    if norm_type == float("inf"):
+        return partials.max().reshape(1)  # torch.max propagates NaN
+    return partials.sum().reshape(1)
