@@ -300,6 +300,33 @@ def test_fsdp2_fused_clipping_matches_torch():
     _run(_fsdp_clip_worker)
 
 
+def _fsdp_clip_without_gradients_worker(rank: int) -> None:
+    """Rank 1 holds no gradient at all (dropped after backward): it still joins the norm's all-reduce, so rank 0
+    does not wait forever, and both get the norm of the gradients that exist (rank 0's shards). Once through
+    clip_grad_norm_() (then a step that applies it), once through max_grad_norm inside the step."""
+    from torch.distributed.tensor import DTensor
+
+    model = _sharded_mlp()
+    opt = fused_sched.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5)
+    for step, (x, y) in enumerate(_batches(rank, 2)):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if rank == 1:
+            opt.zero_grad(set_to_none=True)
+        local = [p.grad._local_tensor.double().flatten() for p in model.parameters() if isinstance(p.grad, DTensor)]
+        expected = torch.cat(local).square().sum() if local else torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(expected)  # rank 0's shards only
+        if step == 0:
+            norm = opt.clip_grad_norm_(1.0)
+            torch.testing.assert_close(norm.double(), expected.sqrt(), rtol=2e-6, atol=0)
+        opt.step()
+        torch.testing.assert_close(opt.last_grad_norm.double(), expected.sqrt(), rtol=2e-6, atol=0)
+        opt.zero_grad(set_to_none=True)
+
+
+def test_fsdp2_clip_on_a_rank_without_gradients():
+    _run(_fsdp_clip_without_gradients_worker)
+
+
 def _dcp_worker(rank: int, kind: str, directory: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (

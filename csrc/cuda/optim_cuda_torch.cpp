@@ -25,7 +25,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
 #include <mutex>
+#include <utility>
 #include <optional>
 #include <vector>
 
@@ -155,18 +157,18 @@ DeviceTables upload_tables(at::TensorList params, const at::Device& device, RowF
   return d;
 }
 
-// The ticket counter of a device: int32 [1], zeroed when created (on the current stream, before the first
-// launch that uses it) and left zero by every launch. One counter per device: launches of this op on different
-// streams of one device must not overlap.
-int32_t* ticket_counter(const at::Device& device) {
+// The ticket counter of the list-taking ops on one stream: int32 [1], zeroed when created (on that stream, before
+// the first launch that uses it) and left zero by every launch. Launches sharing a counter must not overlap, so
+// there is one per (device, stream): launches on one stream run in order, and two streams never share one.
+int32_t* ticket_counter(const c10::cuda::CUDAStream& stream) {
   static std::mutex mutex;
   // Leaked on purpose: destroying CUDA tensors during static destruction can outlive the CUDA runtime.
-  static auto* counters = new std::vector<at::Tensor>();
+  static auto* counters = new std::map<std::pair<int, int64_t>, at::Tensor>();
   std::lock_guard<std::mutex> lock(mutex);
-  const size_t index = static_cast<size_t>(device.index());
-  if (counters->size() <= index) counters->resize(index + 1);
-  at::Tensor& counter = (*counters)[index];
-  if (!counter.defined()) counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
+  at::Tensor& counter = (*counters)[{static_cast<int>(stream.device_index()), static_cast<int64_t>(stream.id())}];
+  if (!counter.defined()) {
+    counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(at::Device(at::kCUDA, stream.device_index())));
+  }
   return counter.data_ptr<int32_t>();
 }
 
@@ -260,6 +262,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const CheckedOptions options = check_options(params, device, master_params, grad_scale, found_inf, clip_coef,
                                                step_advance, param_ids, sr_seed);
   const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   if (n == 0) {
     record_step_advance(step_advance, found_inf);
     return;
@@ -279,8 +282,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   });
   C10_CUDA_CHECK(launch_adam_tables(dtype, d.table, d.n_rows, d.chunks, d.n_chunks, kDefaultChunkElements,
                                     hyper.data_ptr<double>(), sched.program, sched.segments, sched.step,
-                                    ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream(),
-                                    options.launch));
+                                    ticket_counter(stream), stream.stream(), options.launch));
 }
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -304,6 +306,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const CheckedOptions options = check_options(params, device, master_params, grad_scale, found_inf, clip_coef,
                                                step_advance, at::IntArrayRef(), 0);
   const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   if (n == 0) {
     record_step_advance(step_advance, found_inf);
     return;
@@ -323,8 +326,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   });
   C10_CUDA_CHECK(launch_sgd_tables(dtype, d.table, d.n_rows, d.chunks, d.n_chunks, kDefaultChunkElements,
                                    hyper.data_ptr<double>(), sched.program, sched.segments, sched.step,
-                                   ticket_counter(device), c10::cuda::getCurrentCUDAStream(device.index()).stream(),
-                                   options.launch));
+                                   ticket_counter(stream), stream.stream(), options.launch));
 }
 
 // -- the ops on device-resident tables (the optimizers' eager runner, fused_sched/backends/cuda_backend.py) --------

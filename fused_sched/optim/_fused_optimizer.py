@@ -301,6 +301,8 @@ class FusedOptimizer(Optimizer):
             slots["pending"] = None
         elif self.max_grad_norm is not None and plan.buckets:
             slots["norm"], clip = self._clip_pass(plan, self.max_grad_norm, 2.0, grad_scale)
+        elif self.max_grad_norm is not None:
+            slots["norm"] = self._clip_without_gradients(self.max_grad_norm, 2.0)
         tables = {}
         for bucket in plan.buckets:
             table = tables.get(bucket.device)
@@ -310,7 +312,7 @@ class FusedOptimizer(Optimizer):
             amp = {
                 "grad_scale": _on(grad_scale, bucket.device),
                 "found_inf": _on(found_inf, bucket.device),
-                "clip_coef": None if clip is None else clip[bucket.device],
+                "clip_coef": None if clip is None else clip.get(bucket.device),
                 "step_advance": self._step_advance(bucket.device),
             }
             self._run_bucket(bucket, table, amp)
@@ -382,14 +384,30 @@ class FusedOptimizer(Optimizer):
         if plan is None or not plan.current():
             plan = self._plan = self._build_plan()
         if not plan.buckets:
-            self._pending_clip = None
-            return torch.tensor(0.0)
+            # A clip with nothing to apply: the next step must not clip again (max_grad_norm), which on a sharded
+            # model would be an all-reduce that the ranks holding gradients do not join.
+            self._pending_clip = {}
+            total = self.last_grad_norm = self._clip_without_gradients(float(max_norm), norm_type)
+            return total
         total, clip = self._clip_pass(plan, float(max_norm), norm_type, None)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise RuntimeError(_NONFINITE.format(norm_type=norm_type))
         self._pending_clip = clip
         self.last_grad_norm = total
         return total
+
+    def _clip_without_gradients(self, max_norm: float, norm_type: float) -> torch.Tensor:
+        """The total norm of a clip when this optimizer holds no gradient: 0, as torch's clip_grad_norm_ of no
+        gradient. With DTensor parameters (FSDP2) this rank still joins the norm's all-reduce with a zero
+        accumulation, since the ranks that hold gradients wait for it; the result is then the global norm."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not any(_is_dtensor(p) for p in params):
+            return torch.tensor(0.0)
+        groups = _shard_groups(params)
+        if not groups:
+            return torch.tensor(0.0)
+        accumulated = torch.zeros(1, dtype=torch.float64, device=_local(params[0]).device)
+        return _finalize_sharded_clip(accumulated, groups, norm_type, max_norm)[0]
 
     def _clip_pass(self, plan: _Plan, max_norm: float, norm_type: float, grad_scale):
         """The norm pass over every bucket: (total norm, {device: clip coefficient}), both on the device.
