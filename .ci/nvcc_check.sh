@@ -16,17 +16,19 @@ if [ ${#sources[@]} -eq 0 ]; then
   exit 0
 fi
 out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
 for src in "${sources[@]}"; do
   echo "nvcc $src"
   "$NVCC" -std=c++17 -O3 -lineinfo --fmad=false -Icsrc/include \
-    -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
+    -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90 \
     -c "$src" -o "$out/$(basename "$src").o"
 done
 
 # The torch glue (csrc/cuda/optim_cuda_torch.cpp) is built only against a CUDA build of torch. A CPU build of torch
 # ships every header it includes except c10/cuda/impl/cuda_cmake_macros.h, which torch's CUDA build generates (one
-# macro, C10_CUDA_BUILD_SHARED_LIBS). With that one header stubbed, g++ -fsyntax-only type-checks the glue (and
-# the operator registrations' signatures) against the installed torch's headers and CUDA's.
+# macro, C10_CUDA_BUILD_SHARED_LIBS). With that one header stubbed, g++ -fsyntax-only type-checks the glue
+# against the installed torch's headers and CUDA's. (An operator's schema is matched with its C++ signature when
+# the library loads: only a CUDA build shows that, bench/gpu_check.sh.)
 CXX=${CXX:-g++}
 # CUDA's headers: $CUDA_HOME, else beside the real nvcc (it may be a wrapper script elsewhere), else the default.
 cuda_include=""
@@ -49,4 +51,3 @@ for glue in csrc/cuda/*_torch.cpp; do
   "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -isystem "$out/stub" "${includes[@]}" -isystem "$cuda_include" \
     -Icsrc -Icsrc/include -Icsrc/cuda -DFUSED_SCHED_WITH_CUDA "$glue"
 done
-rm -rf "$out"

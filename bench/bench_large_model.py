@@ -61,16 +61,17 @@ def _grads(params, seed=1):
 
 
 def _fused_backends(device) -> list[str]:
-    """fused_sched's backends for `device`: cpu on a CPU; triton, and cuda when compiled, on a GPU."""
+    """fused_sched's backends for `device`: cpu on a CPU; triton when importable and cuda when compiled, on a
+    GPU."""
     if device.type == "cpu":
         return ["cpu"]
-    return ["triton"] + (["cuda"] if load_extension().cuda_compiled() else [])
+    return ((["triton"] if fused_sched.backends.triton_importable() else [])
+            + (["cuda"] if load_extension().cuda_compiled() else []))
 
 
 def _per_backend(device, name, make):
-    """{row name: make(backend)} over the backends of `device` (the backend named when there are several)."""
-    names = _fused_backends(device)
-    return {(f"{name} [{b}]" if len(names) > 1 else name): make(b) for b in names}
+    """{row name: make(backend)} over the backends of `device` (named in the row on a GPU, which has two)."""
+    return {(name if device.type == "cpu" else f"{name} [{b}]"): make(b) for b in _fused_backends(device)}
 
 
 def _fused_sched(device, dtype, backend, **kwargs):

@@ -142,6 +142,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("grad_scale") = 1.0)
       .def("address_table", &fused_sched::OptimBucket::address_table)
       .def("table_changed", &fused_sched::OptimBucket::table_changed)
+      .def("mark_table_uploaded", &fused_sched::OptimBucket::mark_table_uploaded)
       .def("release_grads", &fused_sched::OptimBucket::release_grads)
       .def("__len__", &fused_sched::OptimBucket::size);
   pybind11::class_<fused_sched::NoGradWatch>(m, "NoGradWatch")

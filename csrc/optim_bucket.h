@@ -54,6 +54,9 @@ class OptimBucket {
   at::Tensor address_table() const { return table_; }
   // Whether the last refresh_grads() changed any entry of the address table.
   bool table_changed() const { return table_changed_; }
+  // The device copy of the table now matches the host table: table_changed() is false until the next
+  // refresh_grads() changes an entry (a norm pass and the update of one step upload a changed table once).
+  void mark_table_uploaded() { table_changed_ = false; }
 
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 

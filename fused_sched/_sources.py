@@ -33,4 +33,6 @@ NVCC_FLAGS = [
     "--fmad=false",
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90,code=sm_90",
+    # PTX too: a newer GPU (sm_100, sm_120) compiles it at load time instead of finding no kernel image.
+    "-gencode=arch=compute_90,code=compute_90",
 ]

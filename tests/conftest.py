@@ -22,9 +22,9 @@ def _cuda_backend_runnable():
     """Makes backend="cuda" runnable: the CUDA kernels on a GPU (skipped when fused_sched was built without them),
     their host build on CPU tensors otherwise (tests/cuda_host_emulation.py)."""
     if torch.cuda.is_available():
-        import fused_sched._C as native
+        from fused_sched._extension import load_extension
 
-        if not native.cuda_compiled():
+        if not load_extension().cuda_compiled():
             pytest.skip("fused_sched was built without its CUDA kernels")
         yield
         return

@@ -55,9 +55,9 @@ def test_constructor_validation(cls, kwargs, message):
 
 
 def test_cuda_backend_unavailable_is_a_clear_error():
-    import fused_sched._C as native
+    from fused_sched._extension import load_extension
 
-    if native.cuda_compiled():
+    if load_extension().cuda_compiled():
         # Built with the kernels: backend="cuda" is accepted, and refused for CPU tensors at the first step.
         p = torch.nn.Parameter(torch.randn(3))
         opt = fused_sched.AdamW([p], backend="cuda")

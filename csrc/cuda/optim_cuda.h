@@ -31,8 +31,9 @@ namespace fused_sched::cuda {
 
 enum class ParamDtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
-// Elements per chunk, the unit of work of a block. Untuned (no GPU was available); the Triton backend's
-// DEFAULT_CHUNK.
+// Elements per chunk, the unit of work of a block, in the list-taking ops (optim_cuda_torch.cpp). Untuned (no GPU
+// was available); the Triton backend's DEFAULT_CHUNK. The eager runner passes its own, which must stay equal
+// (fused_sched/backends/cuda_backend.py CHUNK_ELEMENTS) for the compiled and the eager clip to agree to the bit.
 constexpr int64_t kDefaultChunkElements = 65536;
 
 // The large-model inputs of a step (csrc/cpu/optim_cpu.h StepOptions), as device pointers; each may be nullptr.

@@ -401,6 +401,10 @@ void adam_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t
   const StepOptions options = table_options(device, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
   const ParamDtype dtype = param_dtype(param_type);
   const c10::cuda::CUDAGuard guard(device);
+  if (t.n_rows == 0) {  // nothing to update (the launcher would refuse the empty table's null address)
+    record_step_advance(step_advance, found_inf);
+    return;
+  }
   C10_CUDA_CHECK(launch_adam_tables(dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements,
                                     hyper.data_ptr<double>(), sched.program, sched.segments, sched.step, ticket,
                                     c10::cuda::getCurrentCUDAStream(device.index()).stream(), options));
@@ -419,6 +423,10 @@ void sgd_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t 
   const StepOptions options = table_options(device, grad_scale, found_inf, clip_coef, step_advance, 0);
   const ParamDtype dtype = param_dtype(param_type);
   const c10::cuda::CUDAGuard guard(device);
+  if (t.n_rows == 0) {
+    record_step_advance(step_advance, found_inf);
+    return;
+  }
   C10_CUDA_CHECK(launch_sgd_tables(dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements,
                                    hyper.data_ptr<double>(), sched.program, sched.segments, sched.step, ticket,
                                    c10::cuda::getCurrentCUDAStream(device.index()).stream(), options));
@@ -454,27 +462,36 @@ int64_t grad_norm_tables_cuda(const at::Tensor& table, const at::Tensor& chunks,
 }
 
 // fused_sched::grad_norm_clip for CUDA gradients (the optimizers' torch.compile path): the norm kernel over tables
-// built for this call, one launch per bucket, the last finalizing, as the eager runner's norm pass does.
+// built for this call, one launch per non-empty bucket, the last finalizing, as the eager runner's norm pass does
+// (the same chunk size and grid, so the same bits). bucket_sizes as in the CPU operator (an empty bucket adds
+// nothing).
 at::Tensor grad_norm_clip_cuda(at::TensorList grads, at::IntArrayRef bucket_sizes, double norm_type,
                                double max_norm, const std::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
   int64_t total_size = 0;
   for (int64_t n : bucket_sizes) {
-    TORCH_CHECK(n > 0, "fused_sched: bucket_sizes must be positive");
+    TORCH_CHECK(n >= 0, "fused_sched: bucket_sizes must not be negative");
     total_size += n;
   }
-  TORCH_CHECK(total_size == static_cast<int64_t>(grads.size()) && total_size > 0, "fused_sched: bucket_sizes add up to ",
-              total_size, " but ", grads.size(), " grads were given");
+  TORCH_CHECK(total_size == static_cast<int64_t>(grads.size()), "fused_sched: bucket_sizes add up to ", total_size,
+              " but ", grads.size(), " grads were given");
+  TORCH_CHECK(!grads.empty(), "fused_sched: the CUDA grad_norm_clip needs at least one gradient");
   const at::Device device = grads[0].device();
   TORCH_CHECK(device.is_cuda(), "fused_sched: the CUDA op got tensors on ", device);
+  // Every check before anything is queued.
+  std::vector<std::pair<int64_t, int64_t>> buckets;  // (first, count) of the non-empty buckets
   int64_t offset = 0;
   for (int64_t n : bucket_sizes) {
-    const at::Tensor& first = grads[static_cast<size_t>(offset)];
-    for (int64_t i = offset; i < offset + n; ++i) {
-      const at::Tensor& g = grads[static_cast<size_t>(i)];
-      TORCH_CHECK(g.device() == device && g.scalar_type() == first.scalar_type() &&
-                      g.is_non_overlapping_and_dense(),
-                  "fused_sched: grads[", i, "] must be a dense ", first.scalar_type(), " tensor on ", device);
+    if (n > 0) {
+      const at::Tensor& first = grads[static_cast<size_t>(offset)];
+      param_dtype(first.scalar_type());  // float32, bfloat16 or float16
+      for (int64_t i = offset; i < offset + n; ++i) {
+        const at::Tensor& g = grads[static_cast<size_t>(i)];
+        TORCH_CHECK(g.device() == device && g.scalar_type() == first.scalar_type() &&
+                        g.is_non_overlapping_and_dense(),
+                    "fused_sched: grads[", i, "] must be a dense ", first.scalar_type(), " tensor on ", device);
+      }
+      buckets.emplace_back(offset, n);
     }
     offset += n;
   }
@@ -482,33 +499,29 @@ at::Tensor grad_norm_clip_cuda(at::TensorList grads, at::IntArrayRef bucket_size
   const c10::cuda::CUDAGuard guard(device);
   std::vector<DeviceTables> tables;
   int64_t slots = 0;
-  offset = 0;
-  for (int64_t n : bucket_sizes) {
-    const at::TensorList members = grads.slice(static_cast<size_t>(offset), static_cast<size_t>(n));
+  for (const auto& [first, count] : buckets) {
+    const at::TensorList members = grads.slice(static_cast<size_t>(first), static_cast<size_t>(count));
     tables.push_back(upload_tables(members, device, [&](size_t i, int64_t* row) {
       std::fill(row, row + kTableColumns, 0);
       row[kColGrad] = address(members[i]);
       row[kColNumel] = members[i].numel();
     }));
-    slots += std::max<int64_t>(1, tables.back().n_chunks);
-    offset += n;
+    slots += std::max<int64_t>(1, tables.back().n_chunks);  // a launch's grid is at most max(1, n_chunks)
   }
   at::Tensor partials = at::empty({slots}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
   at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kFloat).device(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   int64_t slot_offset = 0;
-  offset = 0;
   for (size_t k = 0; k < tables.size(); ++k) {
     const DeviceTables& d = tables[k];
     int64_t used = 0;
-    C10_CUDA_CHECK(launch_grad_norm_tables(param_dtype(grads[static_cast<size_t>(offset)].scalar_type()), d.table,
-                                           d.chunks, d.n_chunks, kDefaultChunkElements, partials.data_ptr<double>(),
-                                           slot_offset, counter.data_ptr<int32_t>(), out.data_ptr<float>(), scale,
-                                           norm_type, static_cast<float>(max_norm), k + 1 == tables.size(), &used,
-                                           stream));
+    C10_CUDA_CHECK(launch_grad_norm_tables(
+        param_dtype(grads[static_cast<size_t>(buckets[k].first)].scalar_type()), d.table, d.chunks, d.n_chunks,
+        kDefaultChunkElements, partials.data_ptr<double>(), slot_offset, counter.data_ptr<int32_t>(),
+        out.data_ptr<float>(), scale, norm_type, static_cast<float>(max_norm), k + 1 == tables.size(), &used,
+        stream));
     slot_offset += used;
-    offset += bucket_sizes[k];
   }
   return out;
 }

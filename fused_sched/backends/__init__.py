@@ -29,14 +29,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Set by enable_cuda_host_emulation() (tests/cuda_emulation): the CUDA table operators are registered for CPU
-# tensors by a host build of the CUDA kernels.
+# Set by enable_cuda_host_emulation() (tests/cuda_host_emulation.py): the CUDA table operators are registered for
+# CPU tensors by a host build of the CUDA kernels.
 _cuda_host_emulation = False
 
 
 def enable_cuda_host_emulation() -> None:
     """Tests only: let ``backend="cuda"`` run CPU tensors, through the host build of the CUDA kernels that
-    tests/cuda_emulation registers as the CPU implementation of the CUDA table operators."""
+    tests/cuda_host_emulation.py registers as the CPU implementation of the CUDA table operators."""
     global _cuda_host_emulation
     _cuda_host_emulation = True
 
@@ -73,13 +73,24 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
-        if device.type == "cuda" and not triton_importable() and cuda_available():
+        if triton_importable():
+            return "triton"
+        if device.type == "cuda" and cuda_available():
             return "cuda"
-        return "triton"
+        raise ValueError(f"no fused_sched backend runs tensors on {device}: the triton package cannot be imported"
+                         + ("" if device.type != "cuda" else " and fused_sched was built without its CUDA kernels"))
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' runs CPU tensors only; got parameters on {device}")
-    if backend == "cuda" and device.type != "cuda" and not (_cuda_host_emulation and device.type == "cpu"):
-        raise ValueError(f"backend='cuda' runs CUDA tensors only; got parameters on {device}")
+    if backend == "cuda":
+        if device.type == "cpu" and _cuda_host_emulation:
+            return backend
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs CUDA tensors only; got parameters on {device}")
+        check_name(backend)  # an optimizer unpickled into an installation without the kernels
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise ValueError(f"backend='cuda' needs a GPU of compute capability 8.0 or newer (its kernels are built "
+                             f"for sm_80 and sm_90); {device} is {major}.{minor}: use backend='triton'")
     if backend == "triton" and device.type == "cpu" and not triton_interpreted():
         raise ValueError(
             "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "

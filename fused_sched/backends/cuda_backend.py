@@ -7,7 +7,7 @@
 The compiled step (torch.compile) calls ``adam_step_`` / ``sgd_step_`` / ``grad_norm_clip`` instead, whose CUDA
 implementations run the same kernels on tables built for the call.
 
-Host emulation (tests only): tests/cuda_emulation builds optim_cuda.cu for the host, with one thread per CUDA
+Host emulation (tests only): tests/cuda_host_emulation.py builds optim_cuda.cu for the host, with one thread per CUDA
 thread, and registers the table operators for CPU tensors; ``backends.enable_cuda_host_emulation()`` then lets
 ``backend="cuda"`` run CPU tensors through those kernels, so CI checks the wiring and the kernels' logic on a
 machine without a GPU.

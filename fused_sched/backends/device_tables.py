@@ -78,6 +78,7 @@ class DeviceTables:
             changed = True
         if changed:
             self._rebuild(native_bucket.address_table())
+            native_bucket.mark_table_uploaded()  # the update after a clip's norm pass need not upload it again
 
     def _rebuild(self, host: torch.Tensor) -> None:
         numels = host[:, COL_NUMEL]
