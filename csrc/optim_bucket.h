@@ -29,8 +29,9 @@ class OptimBucket {
 
   // Reads every parameter's .grad. Returns an empty string when all gradients are present and laid out like
   // their parameters and no parameter changed dtype, device or shape; otherwise a description of the first
-  // difference (nothing is modified). On success it also refreshes the address table and records whether any
-  // address in it changed (table_changed()).
+  // difference, after which the bucket must not be used again (its table is half refreshed: the optimizers
+  // rebuild their plan). On success it has refreshed the address table and recorded whether any address in it
+  // changed (table_changed()); a CPU bucket also holds the gradients for its kernels until release_grads().
   std::string refresh_grads();
 
   // The step on a CPU bucket; `amp` holds the optional per-step tensors (grad_scale, found_inf, clip_coef,
@@ -79,6 +80,13 @@ class OptimBucket {
   at::Device device_;
   at::Tensor table_;
   bool table_changed_ = true;
+  // Each param's sizes and strides when the bucket was built (its states and master copy have that layout).
+  struct Layout {
+    std::vector<int64_t> sizes, strides;
+  };
+  std::vector<Layout> layouts_;
+  // The table's column kColStep as built (Adam: step addresses; SGD: 0), restored by every refresh_grads().
+  std::vector<int64_t> step_column_;
 
   cpu::StepOptions options(const Amp& amp, int64_t sr_seed) const;
 };

@@ -192,3 +192,44 @@ def test_load_state_dict_with_wrong_shapes_changes_nothing():
     with pytest.raises(ValueError, match="does not match"):
         opt.load_state_dict(sd)
     _assert_same(before, _snapshot(opt, [a, b]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_param_given_another_shape_after_a_step_is_rejected_and_nothing_changes(backend):
+    """p.data replaced by a tensor of another shape (and a gradient of that shape): the bucket built for the old
+    shape notices (OptimBucket keeps each param's layout), the plan is rebuilt, and the state made for the old
+    shape is refused before anything is written."""
+    a, b = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(5))
+    opt = fused_sched.AdamW([a, b], backend=backend)
+    a.grad, b.grad = torch.randn(4, 6), torch.randn(5)
+    opt.step()
+    a.data = torch.randn(6, 4)
+    a.grad, b.grad = torch.randn(6, 4), torch.randn(5)
+    before = _snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match="state 'exp_avg' of shape \\(4, 6\\) does not match"):
+        opt.step()
+    _assert_same(before, _snapshot(opt, [a, b]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_param_re_laid_out_after_a_step_is_updated_like_torch(backend):
+    """p.data replaced by a transposed tensor of the same shape: its states follow the new layout, so every element
+    keeps its own state as in torch.optim."""
+    ours, theirs = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(4, 6))
+    theirs.data.copy_(ours.data)
+    opt = fused_sched.AdamW([ours], lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW([theirs], lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        if step == 2:
+            new = torch.randn(6, 4, generator=gen).t()  # the same shape, transposed strides
+            ours.data, theirs.data = new.clone().t().contiguous().t(), new.clone().t().contiguous().t()
+        g = torch.randn(4, 6, generator=gen)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert ours.stride() == (1, 4)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[ours][key].stride() == ours.stride()
+        torch.testing.assert_close(opt.state[ours][key], ref.state[theirs][key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)

@@ -650,6 +650,13 @@ class FusedOptimizer(Optimizer):
             # master_weights turned off: the parameter is the value from now on; a copy kept would be stale if the
             # option were turned on again.
             state.pop(MASTER_KEY, None)
+        # The kernels walk a state as the flat array of its parameter, so it must have the parameter's strides.
+        # A parameter re-laid out since its state was made (p.data = a transposed tensor) gets its states copied
+        # into its new layout, element by element as torch indexes them.
+        for key in (*self._state_keys, MASTER_KEY):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and _local(value).stride() != _local(p).stride():
+                state[key] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(value)
         return created
 
 
