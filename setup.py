@@ -35,12 +35,7 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, d) for d in src["INCLUDE_DIRS"]]
     cxx = list(src["CXX_FLAGS"])
     cuda_kernels = sorted(glob.glob(src["CUDA_KERNEL_GLOB"], root_dir=ROOT))
-    want_cuda = (
-        os.environ.get("FUSED_SCHED_SKIP_CUDA", "0") != "1"
-        and torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and bool(cuda_kernels)
-    )
+    want_cuda = src["wants_cuda"](os.environ, torch.version.cuda, CUDA_HOME) and bool(cuda_kernels)
     if want_cuda:
         sources += cuda_kernels + sorted(glob.glob(src["CUDA_GLUE_GLOB"], root_dir=ROOT))
         ext = CUDAExtension(

@@ -29,12 +29,26 @@ def _source_root() -> str:
     )
 
 
+def _jit_sources(root: str, with_cuda: bool) -> tuple[list[str], list[str], list[str]]:
+    """(sources, C++ flags, nvcc flags) of the just-in-time build: setup.py's choice of files and flags."""
+    import glob
+
+    sources = [os.path.join(root, s) for s in _sources.CPU_SOURCES]
+    cflags = list(_sources.CXX_FLAGS)
+    if not with_cuda:
+        return sources, cflags, []
+    sources += sorted(glob.glob(os.path.join(root, _sources.CUDA_KERNEL_GLOB)))
+    sources += sorted(glob.glob(os.path.join(root, _sources.CUDA_GLUE_GLOB)))
+    return sources, cflags + ["-DFUSED_SCHED_WITH_CUDA=1"], list(_sources.NVCC_FLAGS)
+
+
 def _jit_build():
     import torch
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
     root = _source_root()
-    sources = [os.path.join(root, s) for s in _sources.CPU_SOURCES]
+    with_cuda = _sources.wants_cuda(os.environ, torch.version.cuda, CUDA_HOME)
+    sources, cflags, cuda_flags = _jit_sources(root, with_cuda)
     include_dirs = [os.path.join(root, d) for d in _sources.INCLUDE_DIRS]
     digest = hashlib.sha256()
     for folder in include_dirs:
@@ -43,7 +57,7 @@ def _jit_build():
                 if name.endswith((".h", ".cpp", ".cuh", ".cu")):
                     with open(os.path.join(dirpath, name), "rb") as f:
                         digest.update(name.encode() + f.read())
-    tag = f"{torch.__version__}-{digest.hexdigest()[:16]}".replace("+", "_")
+    tag = f"{torch.__version__}-{'cuda-' if with_cuda else ''}{digest.hexdigest()[:16]}".replace("+", "_")
     build_dir = os.environ.get("FUSED_SCHED_BUILD_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "fused_sched", tag
     )
@@ -52,7 +66,8 @@ def _jit_build():
         name="fused_sched_C",
         sources=sources,
         extra_include_paths=include_dirs,
-        extra_cflags=list(_sources.CXX_FLAGS),
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags or None,
         extra_ldflags=list(_sources.LINK_FLAGS),
         build_directory=build_dir,
         verbose=os.environ.get("FUSED_SCHED_VERBOSE_BUILD", "0") == "1",

@@ -17,6 +17,12 @@ CPU_SOURCES = [
 CUDA_KERNEL_GLOB = "csrc/cuda/*.cu"
 CUDA_GLUE_GLOB = "csrc/cuda/*.cpp"
 
+
+def wants_cuda(environ, torch_cuda_version, cuda_home) -> bool:
+    """Whether a build includes the CUDA kernels: torch is a CUDA build, a CUDA toolkit is found (torch's
+    CUDA_HOME) and FUSED_SCHED_SKIP_CUDA is not 1. One rule for setup.py and the just-in-time build."""
+    return environ.get("FUSED_SCHED_SKIP_CUDA", "0") != "1" and torch_cuda_version is not None and cuda_home is not None
+
 INCLUDE_DIRS = ["csrc/include", "csrc"]
 
 # -ffp-contract=off: every multiply and add of optim_math.h rounds on its own, as in the Triton kernels (launched
