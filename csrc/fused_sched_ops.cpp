@@ -9,6 +9,7 @@
 #include "cpu/optim_cpu.h"
 #include "fused_sched/optim_math.h"
 #include "optim_bucket.h"
+#include "optim_checks.h"
 
 TORCH_LIBRARY(fused_sched, m) {
   // Adam / AdamW over one (device, dtype) bucket. schedule / schedule_step (optional): the device schedule
@@ -71,14 +72,7 @@ TORCH_LIBRARY(fused_sched, m) {
 namespace {
 at::Tensor grad_norm_clip_cpu(at::TensorList grads, at::IntArrayRef bucket_sizes, double norm_type, double max_norm,
                               const std::optional<at::Tensor>& grad_scale) {
-  TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
-  int64_t total_size = 0;
-  for (int64_t n : bucket_sizes) {
-    TORCH_CHECK(n >= 0, "fused_sched: bucket_sizes must not be negative");
-    total_size += n;
-  }
-  TORCH_CHECK(total_size == static_cast<int64_t>(grads.size()), "fused_sched: bucket_sizes add up to ", total_size,
-              " but ", grads.size(), " grads were given");
+  fused_sched::check_norm_clip_args(bucket_sizes, grads.size(), norm_type);
   double divide = 1.0;
   if (grad_scale.has_value() && grad_scale->defined()) {
     const at::Tensor& s = *grad_scale;

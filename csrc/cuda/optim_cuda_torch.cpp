@@ -387,27 +387,53 @@ StepOptions table_options(const at::Device& device, const std::optional<at::Tens
   return o;
 }
 
+// The checked arguments of a table op's launch (adam_tables_cuda / sgd_tables_cuda).
+struct TableLaunch {
+  Tables tables;
+  at::Device device = at::Device(at::kCUDA);
+  Schedule schedule;
+  int32_t* counter = nullptr;
+  StepOptions options;
+  ParamDtype dtype = ParamDtype::kFloat;
+  const double* hyper = nullptr;
+};
+
+TableLaunch check_table_launch(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements,
+                               at::ScalarType param_type, const at::Tensor& hyper, const at::Tensor& counter,
+                               const std::optional<at::Tensor>& schedule,
+                               const std::optional<at::Tensor>& schedule_step,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                               const std::optional<at::Tensor>& step_advance, int64_t sr_seed) {
+  TableLaunch l;
+  l.tables = check_tables(table, chunks, chunk_elements);
+  l.device = table.device();
+  check_table_hyper(hyper, l.device);
+  l.schedule = check_schedule(hyper, schedule, schedule_step);
+  l.counter = check_counter(counter, l.device);
+  l.options = table_options(l.device, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
+  l.dtype = param_dtype(param_type);
+  l.hyper = hyper.data_ptr<double>();
+  return l;
+}
+
 void adam_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements,
                       at::ScalarType param_type, const at::Tensor& hyper, const at::Tensor& counter,
                       const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
                       int64_t sr_seed) {
-  const Tables t = check_tables(table, chunks, chunk_elements);
-  const at::Device device = table.device();
-  check_table_hyper(hyper, device);
-  const Schedule sched = check_schedule(hyper, schedule, schedule_step);
-  int32_t* ticket = check_counter(counter, device);
-  const StepOptions options = table_options(device, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
-  const ParamDtype dtype = param_dtype(param_type);
-  const c10::cuda::CUDAGuard guard(device);
-  if (t.n_rows == 0) {  // nothing to update (the launcher would refuse the empty table's null address)
+  const TableLaunch l = check_table_launch(table, chunks, chunk_elements, param_type, hyper, counter, schedule,
+                                           schedule_step, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
+  const c10::cuda::CUDAGuard guard(l.device);
+  if (l.tables.n_rows == 0) {  // nothing to update (the launcher would refuse the empty table's null address)
     record_step_advance(step_advance, found_inf);
     return;
   }
-  C10_CUDA_CHECK(launch_adam_tables(dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements,
-                                    hyper.data_ptr<double>(), sched.program, sched.segments, sched.step, ticket,
-                                    c10::cuda::getCurrentCUDAStream(device.index()).stream(), options));
+  const Tables& t = l.tables;
+  C10_CUDA_CHECK(launch_adam_tables(l.dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements, l.hyper,
+                                    l.schedule.program, l.schedule.segments, l.schedule.step, l.counter,
+                                    c10::cuda::getCurrentCUDAStream(l.device.index()).stream(), l.options));
 }
 
 void sgd_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements,
@@ -415,21 +441,17 @@ void sgd_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t 
                      const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance) {
-  const Tables t = check_tables(table, chunks, chunk_elements);
-  const at::Device device = table.device();
-  check_table_hyper(hyper, device);
-  const Schedule sched = check_schedule(hyper, schedule, schedule_step);
-  int32_t* ticket = check_counter(counter, device);
-  const StepOptions options = table_options(device, grad_scale, found_inf, clip_coef, step_advance, 0);
-  const ParamDtype dtype = param_dtype(param_type);
-  const c10::cuda::CUDAGuard guard(device);
-  if (t.n_rows == 0) {
+  const TableLaunch l = check_table_launch(table, chunks, chunk_elements, param_type, hyper, counter, schedule,
+                                           schedule_step, grad_scale, found_inf, clip_coef, step_advance, 0);
+  const c10::cuda::CUDAGuard guard(l.device);
+  if (l.tables.n_rows == 0) {
     record_step_advance(step_advance, found_inf);
     return;
   }
-  C10_CUDA_CHECK(launch_sgd_tables(dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements,
-                                   hyper.data_ptr<double>(), sched.program, sched.segments, sched.step, ticket,
-                                   c10::cuda::getCurrentCUDAStream(device.index()).stream(), options));
+  const Tables& t = l.tables;
+  C10_CUDA_CHECK(launch_sgd_tables(l.dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements, l.hyper,
+                                   l.schedule.program, l.schedule.segments, l.schedule.step, l.counter,
+                                   c10::cuda::getCurrentCUDAStream(l.device.index()).stream(), l.options));
 }
 
 int64_t grad_norm_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_elements,
@@ -467,14 +489,7 @@ int64_t grad_norm_tables_cuda(const at::Tensor& table, const at::Tensor& chunks,
 // nothing).
 at::Tensor grad_norm_clip_cuda(at::TensorList grads, at::IntArrayRef bucket_sizes, double norm_type,
                                double max_norm, const std::optional<at::Tensor>& grad_scale) {
-  TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
-  int64_t total_size = 0;
-  for (int64_t n : bucket_sizes) {
-    TORCH_CHECK(n >= 0, "fused_sched: bucket_sizes must not be negative");
-    total_size += n;
-  }
-  TORCH_CHECK(total_size == static_cast<int64_t>(grads.size()), "fused_sched: bucket_sizes add up to ", total_size,
-              " but ", grads.size(), " grads were given");
+  check_norm_clip_args(bucket_sizes, grads.size(), norm_type);
   TORCH_CHECK(!grads.empty(), "fused_sched: the CUDA grad_norm_clip needs at least one gradient");
   const at::Device device = grads[0].device();
   TORCH_CHECK(device.is_cuda(), "fused_sched: the CUDA op got tensors on ", device);

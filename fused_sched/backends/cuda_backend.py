@@ -30,21 +30,17 @@ class CudaBucketRunner(DeviceTables):
     def _configure(self, numels: list[int]) -> torch.Tensor:
         return build_chunks(numels, CHUNK_ELEMENTS)
 
-    def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
-            schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
-            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-            clip_coef: torch.Tensor | None = None, step_advance: torch.Tensor | None = None,
-            sr_seed: int = 0) -> None:
-        """One step of the bucket: one launch (csrc/cuda/optim_cuda.h launch_adam_tables / launch_sgd_tables)."""
-        self.sync_tables(native_bucket, fresh)
-        ops = torch.ops.fused_sched
+    def _launch(self, hyper: torch.Tensor, options: dict) -> None:
+        """csrc/cuda/optim_cuda.h launch_adam_tables / launch_sgd_tables."""
+        o = options
         if self.algorithm == "adam":
-            ops.cuda_adam_tables_(self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, schedule,
-                                  schedule_step, grad_scale, found_inf, clip_coef, step_advance, sr_seed)
-        else:
-            ops.cuda_sgd_tables_(self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, schedule,
-                                 schedule_step, grad_scale, found_inf, clip_coef, step_advance)
-        native_bucket.release_grads()
+            torch.ops.fused_sched.cuda_adam_tables_(
+                self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, o["schedule"],
+                o["schedule_step"], o["grad_scale"], o["found_inf"], o["clip_coef"], o["step_advance"], o["sr_seed"])
+        else:  # SGD never rounds stochastically
+            torch.ops.fused_sched.cuda_sgd_tables_(
+                self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, o["schedule"],
+                o["schedule_step"], o["grad_scale"], o["found_inf"], o["clip_coef"], o["step_advance"])
 
     @staticmethod
     def norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,

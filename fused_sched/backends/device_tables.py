@@ -49,8 +49,8 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class DeviceTables:
-    """The device tables of one bucket. Subclasses choose the chunk size (``_configure``) and launch the kernels
-    (``run``)."""
+    """The device tables of one bucket. Subclasses choose the chunk size (``_configure``) and launch the update
+    kernel (``_launch``) and the norm pass (``norm_pass``)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
         if algorithm not in ("adam", "sgd"):
@@ -68,6 +68,26 @@ class DeviceTables:
     def _configure(self, numels: list[int]) -> torch.Tensor:
         """Set the launch configuration for tensors of `numels` elements; return the host chunk map."""
         raise NotImplementedError
+
+    def _launch(self, hyper: torch.Tensor, options: dict) -> None:
+        """One launch of the update kernel on the current tables; options: schedule, schedule_step, grad_scale,
+        found_inf, clip_coef, step_advance (tensors or None) and sr_seed."""
+        raise NotImplementedError
+
+    def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
+            schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
+            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+            clip_coef: torch.Tensor | None = None, step_advance: torch.Tensor | None = None,
+            sr_seed: int = 0) -> None:
+        """One step of the bucket: the tables brought up to date (`fresh`: SGD's fresh-buffer flags), one launch.
+        hyper: float64 [groups, 8]; schedule / schedule_step: the bound device schedule; grad_scale, found_inf,
+        clip_coef (float32 [1]) and step_advance (float64 [1], written): GradScaler's and a fused clip's inputs;
+        sr_seed: the seed of stochastic rounding. All on the bucket's device."""
+        self.sync_tables(native_bucket, fresh)
+        self._launch(hyper, {"schedule": schedule, "schedule_step": schedule_step, "grad_scale": grad_scale,
+                             "found_inf": found_inf, "clip_coef": clip_coef, "step_advance": step_advance,
+                             "sr_seed": sr_seed})
+        native_bucket.release_grads()
 
     def sync_tables(self, native_bucket, fresh: list[int] | None = None) -> None:
         """Uploads the address table if the last refresh_grads() changed it (or `fresh` flags are to be set)."""

@@ -59,18 +59,10 @@ class TritonBucketRunner(DeviceTables):
         self.config, chunks = _launch_config(self.device, numels)
         return chunks
 
-    def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
-            schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
-            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-            clip_coef: torch.Tensor | None = None, step_advance: torch.Tensor | None = None,
-            sr_seed: int = 0) -> None:
-        """One step of the bucket (arguments: triton_kernels.launch_adam / launch_sgd)."""
-        self.sync_tables(native_bucket, fresh)
+    def _launch(self, hyper: torch.Tensor, options: dict) -> None:
+        """triton_kernels.launch_adam / launch_sgd."""
         self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
-                    schedule=schedule, schedule_step=schedule_step, grad_scale=grad_scale, found_inf=found_inf,
-                    clip_coef=clip_coef, step_advance=step_advance, sr_seed=sr_seed, BLOCK=self.config["BLOCK"],
-                    CHUNK=self.config["CHUNK"])
-        native_bucket.release_grads()
+                    BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], **options)
 
     @staticmethod
     def norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
