@@ -107,7 +107,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<fused_sched::OptimBucket>(m, "OptimBucket")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>,
                           std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>>())
-      .def("refresh_grads", &fused_sched::OptimBucket::refresh_grads)
+      // Without the GIL: refresh_grads may run on several threads, and any of them may need the GIL (a tensor
+      // subclass whose sizes come from Python, the last reference to a tensor with a Python object).
+      .def("refresh_grads", &fused_sched::OptimBucket::refresh_grads, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def(
           "adam_step",
           [](fused_sched::OptimBucket& b, const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,

@@ -129,8 +129,9 @@ std::string OptimBucket::refresh_grads() {
   // reading two TensorImpls and an autograd meta per parameter, cache misses that several threads overlap.
   // Measured on the 2-core CI machine, 2000 Adam tensors of a CPU bucket: 107 us when a checking pass and a table
   // pass re-read every state's shape and address and ArrayRef compared shapes with memcmp; 52 us for the single
-  // pass on one thread; 27-30 us on two (kRefreshGrain). A failed check leaves the table half refreshed, which is fine
-  // because the caller then discards the bucket (the optimizers rebuild their plan).
+  // pass on one thread; 31-36 us on two (kRefreshGrain), with the GIL released around the call. A failed check
+  // leaves the table half refreshed, which is fine because the caller then discards the bucket (the optimizers
+  // rebuild their plan).
   const size_t n = params_.size();
   size_t failed = n;
   const char* problem = nullptr;
@@ -138,6 +139,11 @@ std::string OptimBucket::refresh_grads() {
   if (n < static_cast<size_t>(kRefreshGrain) * 2) {
     problem = refresh_range(0, n, &failed, &changed);
   } else {
+    // Freeing a tensor that has a Python object takes the GIL. The Python binding releases it around this call
+    // (a deadlock otherwise: seen when a .grad that grads_ still held had been replaced, and the worker that
+    // dropped the last reference waited for the GIL held by the thread waiting for the workers); dropping the
+    // last step's references here, on the calling thread, keeps the workers from taking it at all.
+    release_grads();
     std::mutex mutex;
     at::parallel_for(0, static_cast<int64_t>(n), kRefreshGrain, [&](int64_t begin, int64_t end) {
       size_t where = n;

@@ -303,3 +303,21 @@ def test_property_low_precision_parity(shapes, dtype, name, lr, weight_decay, ma
             assert torch.equal(p.detach(), opt.state[p]["master_param"].to(dtype))
         else:
             torch.testing.assert_close(p.detach().float(), r.detach(), rtol=ulp, atol=1e-6)
+
+
+def test_bucket_check_over_threads_reports_the_first_bad_param():
+    """OptimBucket.refresh_grads splits a large bucket over threads (1024+ tensors): a problem is still reported for
+    the first param that has one, whichever thread met it, and a clean bucket passes."""
+    from fused_sched._extension import load_extension
+
+    native = load_extension()
+    params = [torch.randn(3) for _ in range(3000)]
+    for p in params:
+        p.grad = torch.randn(3)
+    bucket = native.OptimBucket(params, [], [], [0] * len(params), [], list(range(len(params))))
+    assert bucket.refresh_grads() == ""
+    params[2999].grad = None
+    params[1700].grad = torch.randn(6)[::2]  # the right shape, another stride
+    assert bucket.refresh_grads() == "param 1700: grad layout differs from param"
+    params[1700].grad = torch.randn(3)
+    assert bucket.refresh_grads() == "param 2999: no grad"
