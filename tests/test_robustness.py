@@ -321,3 +321,23 @@ def test_bucket_check_over_threads_reports_the_first_bad_param():
     assert bucket.refresh_grads() == "param 1700: grad layout differs from param"
     params[1700].grad = torch.randn(3)
     assert bucket.refresh_grads() == "param 2999: no grad"
+
+
+def test_large_bucket_clip_then_new_gradients_then_step():
+    """clip_grad_norm_() checks the bucket (holding its CPU gradients), the gradients are then replaced, and the
+    step checks again over threads (1024+ tensors): the replaced gradients are freed on the calling thread, not in
+    a worker waiting for the GIL (this deadlocked once). Results equal torch's."""
+    base = [torch.randn(5) for _ in range(1100)]
+    ours, theirs = clone_leaves(base), clone_leaves(base)
+    opt, ref = fused_sched.AdamW(ours, lr=0.1), torch.optim.AdamW(theirs, lr=0.1, foreach=False)
+    for p, q in zip(ours, theirs, strict=True):
+        p.grad, q.grad = torch.ones(5), torch.ones(5)
+    opt.clip_grad_norm_(1e9)  # a clip that changes nothing, kept pending with the old gradients
+    opt.zero_grad()
+    ref.zero_grad()
+    grads = [torch.randn(5, dtype=torch.float64) for _ in base]
+    set_grads(ours, grads)
+    set_grads(theirs, grads)
+    opt.step()
+    ref.step()
+    compare(opt, ref, ours, theirs)
