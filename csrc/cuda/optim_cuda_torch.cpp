@@ -183,6 +183,19 @@ T* step_scalar(const std::optional<at::Tensor>& t, at::ScalarType dtype, const a
   return t->data_ptr<T>();
 }
 
+// The one-element step inputs of a launch, checked: on `device`, float32 (step_advance: float64), one element.
+StepOptions check_step_options(const at::Device& device, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                          const std::optional<at::Tensor>& step_advance, int64_t sr_seed) {
+  StepOptions o;
+  o.grad_scale = step_scalar<float>(grad_scale, at::kFloat, device, "grad_scale");
+  o.found_inf = step_scalar<float>(found_inf, at::kFloat, device, "found_inf");
+  o.clip_coef = step_scalar<float>(clip_coef, at::kFloat, device, "clip_coef");
+  o.step_advance = step_scalar<double>(step_advance, at::kDouble, device, "step_advance");
+  o.sr_seed = static_cast<uint64_t>(sr_seed);
+  return o;
+}
+
 // The large-model options of a call (csrc/cpu/optim_cpu.h StepOptions), checked like check_options in
 // optim_cpu.cpp: the launchers' pointers and each param's master-copy address (0 for none).
 struct CheckedOptions {
@@ -197,11 +210,7 @@ CheckedOptions check_options(at::TensorList params, const at::Device& device,
                              at::IntArrayRef param_ids, int64_t sr_seed) {
   const size_t n = params.size();
   CheckedOptions o;
-  o.launch.grad_scale = step_scalar<float>(grad_scale, at::kFloat, device, "grad_scale");
-  o.launch.found_inf = step_scalar<float>(found_inf, at::kFloat, device, "found_inf");
-  o.launch.clip_coef = step_scalar<float>(clip_coef, at::kFloat, device, "clip_coef");
-  o.launch.step_advance = step_scalar<double>(step_advance, at::kDouble, device, "step_advance");
-  o.launch.sr_seed = static_cast<uint64_t>(sr_seed);
+  o.launch = check_step_options(device, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
   TORCH_CHECK(param_ids.empty() || param_ids.size() == n, "fused_sched: param_ids has ", param_ids.size(),
               " entries for ", n, " params");
   o.masters.assign(n, 0);
@@ -375,17 +384,6 @@ void check_table_hyper(const at::Tensor& hyper, const at::Device& device) {
               "] on ", device, ", got ", hyper.scalar_type(), " ", hyper.sizes(), " on ", hyper.device());
 }
 
-StepOptions table_options(const at::Device& device, const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
-                          const std::optional<at::Tensor>& step_advance, int64_t sr_seed) {
-  StepOptions o;
-  o.grad_scale = step_scalar<float>(grad_scale, at::kFloat, device, "grad_scale");
-  o.found_inf = step_scalar<float>(found_inf, at::kFloat, device, "found_inf");
-  o.clip_coef = step_scalar<float>(clip_coef, at::kFloat, device, "clip_coef");
-  o.step_advance = step_scalar<double>(step_advance, at::kDouble, device, "step_advance");
-  o.sr_seed = static_cast<uint64_t>(sr_seed);
-  return o;
-}
 
 // The checked arguments of a table op's launch (adam_tables_cuda / sgd_tables_cuda).
 struct TableLaunch {
@@ -411,7 +409,7 @@ TableLaunch check_table_launch(const at::Tensor& table, const at::Tensor& chunks
   check_table_hyper(hyper, l.device);
   l.schedule = check_schedule(hyper, schedule, schedule_step);
   l.counter = check_counter(counter, l.device);
-  l.options = table_options(l.device, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
+  l.options = check_step_options(l.device, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
   l.dtype = param_dtype(param_type);
   l.hyper = hyper.data_ptr<double>();
   return l;

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .device_tables import DeviceTables, NormWorkspace, build_chunks, combine_partials
+from .device_tables import DeviceTables, NormWorkspace, build_chunks
 
 # Elements per chunk, the unit of work of a block: optim_cuda.h kDefaultChunkElements (which the glue's
 # list-taking ops use). Untuned: no GPU was lent when it was chosen.
@@ -30,39 +30,23 @@ class CudaBucketRunner(DeviceTables):
     def _configure(self, numels: list[int]) -> torch.Tensor:
         return build_chunks(numels, CHUNK_ELEMENTS)
 
-    def _launch(self, hyper: torch.Tensor, options: dict) -> None:
+    def _launch(self, hyper: torch.Tensor, *, schedule, schedule_step, grad_scale, found_inf, clip_coef,
+                step_advance, sr_seed) -> None:
         """csrc/cuda/optim_cuda.h launch_adam_tables / launch_sgd_tables."""
-        o = options
+        common = (self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, schedule, schedule_step,
+                  grad_scale, found_inf, clip_coef, step_advance)
         if self.algorithm == "adam":
-            torch.ops.fused_sched.cuda_adam_tables_(
-                self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, o["schedule"],
-                o["schedule_step"], o["grad_scale"], o["found_inf"], o["clip_coef"], o["step_advance"], o["sr_seed"])
+            torch.ops.fused_sched.cuda_adam_tables_(*common, sr_seed)
         else:  # SGD never rounds stochastically
-            torch.ops.fused_sched.cuda_sgd_tables_(
-                self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, o["schedule"],
-                o["schedule_step"], o["grad_scale"], o["found_inf"], o["clip_coef"], o["step_advance"])
+            torch.ops.fused_sched.cuda_sgd_tables_(*common)
 
-    @staticmethod
-    def norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
-                  finalize: bool = True) -> torch.Tensor:
-        """A fused clip's norm pass over CUDA buckets (pairs of native bucket and runner, one device), one launch
-        per bucket, the last finalizing: float32 [total_norm, clip_coef] on the device; with finalize=False the
-        float64 [1] accumulation of the local gradients (triton_backend.grad_norm_pass's contract)."""
-        for native, runner in buckets:
-            runner.sync_tables(native)
-        device = buckets[0][1].device
+    def _norm_slots(self) -> int:
         # A launch uses min(n_chunks, blocks the device holds) slots, at least one: this bound needs no device query.
-        slots = sum(max(1, r.chunks.shape[0]) for _, r in buckets)
-        workspace = NormWorkspace.of(buckets[0][1], slots)
-        out = torch.empty(2, dtype=torch.float32, device=device)
-        offset = 0
-        ops = torch.ops.fused_sched
-        for k, (_, runner) in enumerate(buckets):
-            offset += ops.cuda_grad_norm_tables_(
-                runner.table, runner.chunks, CHUNK_ELEMENTS, runner.dtype, workspace.partials, offset,
-                workspace.counter, out, grad_scale, float(norm_type), float(max_norm),
-                finalize and k == len(buckets) - 1,
-            )
-        if finalize:
-            return out
-        return combine_partials(workspace.partials[:offset], norm_type)
+        return max(1, self.chunks.shape[0])
+
+    def _launch_norm(self, workspace: NormWorkspace, offset: int, out: torch.Tensor, norm_type: float,
+                     max_norm: float, finalize: bool, grad_scale: torch.Tensor | None) -> int:
+        """csrc/cuda/optim_cuda.h launch_grad_norm_tables."""
+        return torch.ops.fused_sched.cuda_grad_norm_tables_(
+            self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, workspace.partials, offset, workspace.counter, out,
+            grad_scale, norm_type, max_norm, finalize)

@@ -50,7 +50,7 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 class DeviceTables:
     """The device tables of one bucket. Subclasses choose the chunk size (``_configure``) and launch the update
-    kernel (``_launch``) and the norm pass (``norm_pass``)."""
+    kernel (``_launch``) and the norm kernel (``_norm_slots``, ``_launch_norm``)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
         if algorithm not in ("adam", "sgd"):
@@ -69,10 +69,38 @@ class DeviceTables:
         """Set the launch configuration for tensors of `numels` elements; return the host chunk map."""
         raise NotImplementedError
 
-    def _launch(self, hyper: torch.Tensor, options: dict) -> None:
-        """One launch of the update kernel on the current tables; options: schedule, schedule_step, grad_scale,
-        found_inf, clip_coef, step_advance (tensors or None) and sr_seed."""
+    def _launch(self, hyper: torch.Tensor, *, schedule, schedule_step, grad_scale, found_inf, clip_coef,
+                step_advance, sr_seed) -> None:
+        """One launch of the update kernel on the current tables (the arguments of ``run``)."""
         raise NotImplementedError
+
+    def _norm_slots(self) -> int:
+        """At least as many partial slots as one norm launch over this bucket uses."""
+        raise NotImplementedError
+
+    def _launch_norm(self, workspace: NormWorkspace, offset: int, out: torch.Tensor, norm_type: float,
+                     max_norm: float, finalize: bool, grad_scale: torch.Tensor | None) -> int:
+        """One norm launch over this bucket's gradients writing partials from `offset` on; returns the slots used."""
+        raise NotImplementedError
+
+    @staticmethod
+    def norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
+                  finalize: bool = True) -> torch.Tensor:
+        """The norm pass of a fused clip over buckets of one device and backend (pairs of native bucket and
+        runner): one launch per bucket, the last one finalizing. Returns float32 [total_norm, clip_coef] on the
+        device; with finalize=False, the float64 [1] accumulation of the local gradients instead (sum of |g|^p, or
+        max |g|), for a caller that reduces it across processes first."""
+        for native, runner in buckets:
+            runner.sync_tables(native)
+        workspace = NormWorkspace.of(buckets[0][1], sum(r._norm_slots() for _, r in buckets))
+        out = torch.empty(2, dtype=torch.float32, device=buckets[0][1].device)
+        offset = 0
+        for k, (_, runner) in enumerate(buckets):
+            offset += runner._launch_norm(workspace, offset, out, float(norm_type), float(max_norm),
+                                          finalize and k == len(buckets) - 1, grad_scale)
+        if finalize:
+            return out
+        return combine_partials(workspace.partials[:offset], norm_type)
 
     def run(self, native_bucket, hyper: torch.Tensor, fresh: list[int] | None = None, *,
             schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
@@ -84,9 +112,8 @@ class DeviceTables:
         clip_coef (float32 [1]) and step_advance (float64 [1], written): GradScaler's and a fused clip's inputs;
         sr_seed: the seed of stochastic rounding. All on the bucket's device."""
         self.sync_tables(native_bucket, fresh)
-        self._launch(hyper, {"schedule": schedule, "schedule_step": schedule_step, "grad_scale": grad_scale,
-                             "found_inf": found_inf, "clip_coef": clip_coef, "step_advance": step_advance,
-                             "sr_seed": sr_seed})
+        self._launch(hyper, schedule=schedule, schedule_step=schedule_step, grad_scale=grad_scale,
+                     found_inf=found_inf, clip_coef=clip_coef, step_advance=step_advance, sr_seed=sr_seed)
         native_bucket.release_grads()
 
     def sync_tables(self, native_bucket, fresh: list[int] | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from . import triton_interpreted
 from . import triton_kernels as kernels
-from .device_tables import DeviceTables, NormWorkspace, build_chunks, combine_partials, to_device
+from .device_tables import DeviceTables, NormWorkspace, build_chunks, to_device
 
 # Under the interpreter every Triton operation is a numpy call with Python overhead, so fewer, larger blocks
 # run faster (CI time); three programs still exercise the persistent loop and the last-program ticket.
@@ -59,39 +59,22 @@ class TritonBucketRunner(DeviceTables):
         self.config, chunks = _launch_config(self.device, numels)
         return chunks
 
-    def _launch(self, hyper: torch.Tensor, options: dict) -> None:
+    def _launch(self, hyper: torch.Tensor, **options) -> None:
         """triton_kernels.launch_adam / launch_sgd."""
         self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
                     BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], **options)
 
-    @staticmethod
-    def norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
-                  finalize: bool = True) -> torch.Tensor:
-        return grad_norm_pass(buckets, norm_type, max_norm, grad_scale, finalize)
+    def _norm_slots(self) -> int:
+        return max(1, min(self.config["num_programs"], self.chunks.shape[0]))
 
-
-def grad_norm_pass(buckets, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None,
-                   finalize: bool = True) -> torch.Tensor:
-    """The norm pass of a fused clip over Triton buckets (pairs of native bucket and runner, one device): one
-    launch per bucket, the last one finalizing. Returns float32 [total_norm, clip_coef] on the device; with
-    finalize=False, the float64 [1] accumulation of the local gradients instead (sum of |g|^p, or max |g|), for a
-    caller that reduces it across processes first."""
-    for native, runner in buckets:
-        runner.sync_tables(native)
-    device = buckets[0][1].device
-    slots = sum(max(1, min(r.config["num_programs"], r.chunks.shape[0])) for _, r in buckets)
-    workspace = NormWorkspace.of(buckets[0][1], slots)
-    out = torch.empty(2, dtype=torch.float32, device=device)
-    offset = 0
-    for k, (_, runner) in enumerate(buckets):
-        offset += kernels.launch_grad_norm(
-            runner.table, runner.chunks, workspace.partials, offset, workspace.counter, out, runner.dtype,
-            runner.config["num_programs"], norm_type, max_norm, finalize=finalize and k == len(buckets) - 1,
-            grad_scale=grad_scale, BLOCK=runner.config["BLOCK"], CHUNK=runner.config["CHUNK"],
+    def _launch_norm(self, workspace: NormWorkspace, offset: int, out: torch.Tensor, norm_type: float,
+                     max_norm: float, finalize: bool, grad_scale: torch.Tensor | None) -> int:
+        """triton_kernels.launch_grad_norm."""
+        return kernels.launch_grad_norm(
+            self.table, self.chunks, workspace.partials, offset, workspace.counter, out, self.dtype,
+            self.config["num_programs"], norm_type, max_norm, finalize=finalize, grad_scale=grad_scale,
+            BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"],
         )
-    if finalize:
-        return out
-    return combine_partials(workspace.partials[:offset], norm_type)
 
 
 def _address_table(params, grads, states, steps, group_index, master_params=None, param_ids=None) -> torch.Tensor:
@@ -216,8 +199,9 @@ def triton_grad_norm_clip(
     grad_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A fused clip's norm pass with the Triton kernel over the gradients of one or more buckets (bucket_sizes: how
-    many of `grads` each holds, in order): float32 [total_norm, clip_coef], as ``grad_norm_pass`` computes it for
-    the same buckets (one launch per bucket, the last finalizing; fused_sched::grad_norm_clip is the CPU operator)."""
+    many of `grads` each holds, in order): float32 [total_norm, clip_coef], as ``DeviceTables.norm_pass`` computes
+    it for the same buckets (one launch per bucket, the last finalizing; fused_sched::grad_norm_clip is the C++
+    operator)."""
     if sum(bucket_sizes) != len(grads) or any(n <= 0 for n in bucket_sizes):
         raise ValueError(f"bucket_sizes {list(bucket_sizes)} do not cut {len(grads)} grads into non-empty buckets")
     device = grads[0].device

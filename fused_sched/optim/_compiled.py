@@ -63,17 +63,7 @@ def step(opt) -> None:
         slots["norm"], clip = clip_pass(buckets, opt.max_grad_norm, 2.0, grad_scale)
     tables = {}
     for bucket in buckets:
-        device = bucket["device"]
-        table = tables.get(device)
-        if table is None:
-            table = tables[device] = opt._hyper_table(device, rows)
-            opt._device_values(table)
-        amp = {
-            "grad_scale": _fo._on(grad_scale, device),
-            "found_inf": _fo._on(found_inf, device),
-            "clip_coef": None if clip is None else clip[device],
-            "step_advance": opt._step_advance(device),
-        }
+        table, amp = opt._bucket_inputs(bucket["device"], rows, tables, grad_scale, found_inf, clip)
         opt._run_lists(bucket, table, amp)
 
 

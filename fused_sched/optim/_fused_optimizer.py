@@ -305,20 +305,27 @@ class FusedOptimizer(Optimizer):
             slots["norm"] = self._clip_without_gradients(self.max_grad_norm, 2.0)
         tables = {}
         for bucket in plan.buckets:
-            table = tables.get(bucket.device)
-            if table is None:
-                table = tables[bucket.device] = self._hyper_table(bucket.device, rows)
-                self._device_values(table)
-            amp = {
-                "grad_scale": _on(grad_scale, bucket.device),
-                "found_inf": _on(found_inf, bucket.device),
-                "clip_coef": None if clip is None else clip.get(bucket.device),
-                "step_advance": self._step_advance(bucket.device),
-            }
+            table, amp = self._bucket_inputs(bucket.device, rows, tables, grad_scale, found_inf, clip)
             self._run_bucket(bucket, table, amp)
             if bucket.sharded:
                 bucket.return_local_grads()
         return loss
+
+    def _bucket_inputs(self, device: torch.device, rows: list, tables: dict, grad_scale, found_inf, clip):
+        """The hyper table of `device` (built once per step and device in `tables`, tensor lrs copied in) and the
+        per-step inputs of a bucket there: grad_scale, found_inf, clip_coef, step_advance (the eager and the
+        compiled step)."""
+        table = tables.get(device)
+        if table is None:
+            table = tables[device] = self._hyper_table(device, rows)
+            self._device_values(table)
+        amp = {
+            "grad_scale": _on(grad_scale, device),
+            "found_inf": _on(found_inf, device),
+            "clip_coef": None if clip is None else clip.get(device),
+            "step_advance": self._step_advance(device),
+        }
+        return table, amp
 
     def _step_advance(self, device: torch.device) -> torch.Tensor:
         """float64 [1] on `device`: 1 after a step that ran, 0 after one that GradScaler's found_inf skipped
