@@ -21,6 +21,9 @@ MASTER_WEIGHTS = 32
 # The row's lr holds even where the bound schedule program sets one: the param group's lr was written by hand
 # since the scheduler's last step (torch.distributed.checkpoint's state initialization sets it to 0, for one).
 LR_FROM_TABLE = 64
+# The same for the momentum target (Adam's beta1, SGD's momentum): written into the param group by hand since the
+# scheduler's last step.
+MOMENTUM_FROM_TABLE = 128
 
 
 def scalar(value) -> float:
@@ -41,6 +44,19 @@ def lr_scalar(value) -> float:
 
 def is_device_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type != "cpu"
+
+
+def same_lr(a, b) -> bool:
+    """A hyper-parameter compared with the value a scheduler left (floats, or the same tensor object; never a
+    device read)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
+
+
+def momentum_of(group: dict):
+    """The value a schedule's momentum target drives in a param group: Adam's beta1, SGD's momentum."""
+    return group["betas"][0] if "betas" in group else group.get("momentum")
 
 
 def adam_row(group: dict) -> tuple:

@@ -27,8 +27,9 @@ captured ``optimizer.step()`` replays the constant it captured, not the new lr).
   step_size, CosineAnnealingLR with T_max == 0, LinearLR / PolynomialLR with a fractional total_iters,
   SequentialLR with unsorted milestones).
 
-The kernels follow the program, not ``group["lr"]``: an lr written into a param group by hand while a
-(non-host-mode) scheduler is bound is not seen by the kernels.
+An lr written into a param group by hand (a float) is applied until the scheduler's next step, which then
+continues from it as torch's recursive step does; a tensor lr is always read from the tensor, so an in-place
+``fill_`` (torch's schedulers, SWALR, users) is applied at the next optimizer step (FusedOptimizer._current_rows).
 """
 
 from __future__ import annotations
@@ -657,6 +658,16 @@ class SequentialLR(_DeviceSchedule, _torch.SequentialLR):
     def step(self) -> None:  # torch's signature: no epoch
         super().step()
 
+    def _rewind_host(self, step: int) -> None:
+        """Also the running child's counter: torch counts a SequentialLR's steps in the child that runs them (from
+        0 at its milestone), and the programs of a rebind (a resumed state_dict) are placed by it."""
+        super()._rewind_host(step)
+        milestones = list(self._milestones)
+        active = bisect_right(milestones, step)
+        child = self._schedulers[active]
+        child.last_epoch = step - (milestones[active - 1] if active > 0 else 0)
+        child._last_lr = list(self._last_lr)
+
 
 class ChainedScheduler(_DeviceSchedule, _torch.ChainedScheduler):
     """torch.optim.lr_scheduler.ChainedScheduler; device program: the first child's program followed by the other
@@ -728,6 +739,13 @@ class ChainedScheduler(_DeviceSchedule, _torch.ChainedScheduler):
     def step(self) -> None:  # torch's signature: no epoch
         super().step()
 
+    def _rewind_host(self, step: int) -> None:
+        """The children's counters, which are the chain's (every child steps at every chain step)."""
+        behind = self.last_epoch - step
+        for child in self._schedulers:
+            child.last_epoch -= behind
+        super()._rewind_host(step)
+
 
 class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
     """torch.optim.lr_scheduler.ReduceLROnPlateau; with a metric held in a tensor, decided on the device.
@@ -794,9 +812,18 @@ class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
         else:
             warnings.warn(_torch.EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=3)
         self.last_epoch = epoch
+        groups = self.optimizer.param_groups
+        if len(self._binding.programs) != len(groups) or not all(self._binding.lr_groups):
+            self._pull_device_state()
+            self._bind()  # a group added since: every group gets its CONST segment
         device = metric.device
         state = self._plateau_state(device)
         lrs_view = self._binding.table(device)[:, 0, P0]  # the CONST lr segment of every group
+        # A tensor lr is the lr the kernels read (its CONST segment is unused): decided from and written back into
+        # the tensor, as torch's fill_ does.
+        tensor_lrs = [(g, group["lr"]) for g, group in enumerate(groups) if isinstance(group["lr"], torch.Tensor)]
+        for g, lr in tensor_lrs:
+            lrs_view[g].copy_(lr.reshape(()), non_blocking=True)
         current = metric.detach().to(dtype=torch.float64).reshape(())
         best, bad, cooldown = state["best"], state["bad"], state["cooldown"]
         if self.mode == "min" and self.threshold_mode == "rel":
@@ -826,6 +853,8 @@ class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
         old = lrs_view.clone()
         new = torch.maximum(old * self.factor, min_lrs)
         lrs_view.copy_(torch.where(reduce & (old - new > self.eps), new, old))
+        for g, lr in tensor_lrs:
+            lr.copy_(lrs_view[g].reshape(lr.shape), non_blocking=True)
         cooldown.copy_(torch.where(reduce, torch.full_like(cooldown, float(self.cooldown)), cooldown))
         bad.copy_(torch.where(reduce, torch.zeros_like(bad), bad))
         for other, table in self._binding.tables.items():
@@ -857,8 +886,9 @@ class ReduceLROnPlateau(_DeviceSchedule, _torch.ReduceLROnPlateau):
         self.num_bad_epochs = int(state["bad"].item())
         self.cooldown_counter = int(state["cooldown"].item())
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self._last_lr = list(lrs)
+            if not isinstance(group["lr"], torch.Tensor):  # a tensor lr holds the decision already
+                group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self._binding.host[:, 0, P0] = torch.tensor(lrs, dtype=torch.float64)
         self._record_host_lrs()  # the lrs the device decided, not lrs written by hand
         state["pending"] = False

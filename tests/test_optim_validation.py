@@ -162,15 +162,6 @@ def test_unsupported_param_dtype_is_a_clear_error(param, message):
     _assert_same(before, _snapshot(opt, [p]))
 
 
-def test_param_that_is_a_strided_view_is_rejected():
-    base = torch.randn(10)
-    p = torch.nn.Parameter(base[::2])
-    opt = fused_sched.SGD([p], lr=0.1)
-    p.grad = torch.ones(5)
-    with pytest.raises(ValueError, match="dense"):
-        opt.step()
-
-
 def test_transposed_param_is_updated_like_torch():
     w = torch.randn(4, 6)
     ours, theirs = torch.nn.Parameter(w.clone().t()), torch.nn.Parameter(w.clone().t())

@@ -98,9 +98,11 @@ at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tens
   for (int64_t g = 0; g < hyper.size(0); ++g) {
     double value[2] = {0.0, 0.0};
     const uint32_t set = evaluate_schedule(programs + g * segments * kScheduleColumns, segments, t, value);
-    const bool lr_from_table = hyper_flags(r + g * kHyperColumns) & kLrFromTable;
-    if ((set & (1u << kTargetLr)) && !lr_from_table) r[g * kHyperColumns + kLr] = value[kTargetLr];
-    if (set & (1u << kTargetMomentum)) r[g * kHyperColumns + (adam ? kBeta1 : kMomentum)] = value[kTargetMomentum];
+    const uint32_t flags = hyper_flags(r + g * kHyperColumns);
+    if ((set & (1u << kTargetLr)) && !(flags & kLrFromTable)) r[g * kHyperColumns + kLr] = value[kTargetLr];
+    if ((set & (1u << kTargetMomentum)) && !(flags & kMomentumFromTable)) {
+      r[g * kHyperColumns + (adam ? kBeta1 : kMomentum)] = value[kTargetMomentum];
+    }
   }
   return rows;
 }

@@ -183,7 +183,8 @@ struct ParamAccess {
 };
 
 // effective_hyper (optim_cpu.cpp) for one group: a copy of its hyper row with the values its schedule program sets
-// at the scheduler's step in place of lr (unless the row's flags have kLrFromTable) and beta1 (SGD: momentum).
+// at the scheduler's step in place of lr and beta1 (SGD: momentum), unless the row's flags have kLrFromTable /
+// kMomentumFromTable.
 __device__ __forceinline__ void load_effective_row(const double* hyper, int64_t group, const double* schedule,
                                                    int64_t segments, const double* schedule_step, bool adam,
                                                    double (&row)[kHyperColumns]) {
@@ -194,9 +195,11 @@ __device__ __forceinline__ void load_effective_row(const double* hyper, int64_t 
     double value[2] = {0.0, 0.0};
     const uint32_t set =
         evaluate_schedule(schedule + group * segments * kScheduleColumns, segments, *schedule_step, value);
-    const bool lr_from_table = hyper_flags(row) & kLrFromTable;
-    if ((set & (1u << kTargetLr)) && !lr_from_table) row[kLr] = value[kTargetLr];
-    if (set & (1u << kTargetMomentum)) row[adam ? kBeta1 : kMomentum] = value[kTargetMomentum];
+    const uint32_t flags = hyper_flags(row);
+    if ((set & (1u << kTargetLr)) && !(flags & kLrFromTable)) row[kLr] = value[kTargetLr];
+    if ((set & (1u << kTargetMomentum)) && !(flags & kMomentumFromTable)) {
+      row[adam ? kBeta1 : kMomentum] = value[kTargetMomentum];
+    }
   }
 }
 

@@ -87,6 +87,7 @@ _NESTEROV = tl.constexpr(4)
 _DECOUPLED_WEIGHT_DECAY = tl.constexpr(8)
 _STOCHASTIC_ROUNDING = tl.constexpr(16)
 _LR_FROM_TABLE = tl.constexpr(64)
+_MOMENTUM_FROM_TABLE = tl.constexpr(128)
 
 # Address table layout (optim_math.h TableColumn): device_tables.py, shared with the CUDA backend.
 _W = tl.constexpr(TABLE_COLUMNS)
@@ -245,6 +246,7 @@ def _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group, f
     program = schedule_ptr + group * segments * _COLUMNS
     s_lr, lr_set, s_momentum, momentum_set = evaluate_program(program, segments, tl.load(schedule_step_ptr))
     lr_set = lr_set & ((flags & _LR_FROM_TABLE) == 0)
+    momentum_set = momentum_set & ((flags & _MOMENTUM_FROM_TABLE) == 0)
     return tl.where(lr_set, s_lr, lr), tl.where(momentum_set, s_momentum, momentum)
 
 

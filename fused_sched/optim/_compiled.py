@@ -56,6 +56,7 @@ def step(opt) -> None:
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
     slots = opt._slots
+    slots["stepped"] = True
     clip = slots["pending"]
     if clip is not None:
         slots["pending"] = None
@@ -65,6 +66,8 @@ def step(opt) -> None:
     for bucket in buckets:
         table, amp = opt._bucket_inputs(bucket["device"], rows, tables, grad_scale, found_inf, clip)
         opt._run_lists(bucket, table, amp)
+        for param, dense in bucket["standins"]:
+            param.copy_(dense)
 
 
 def clip_grad_norm(opt, max_norm: float, norm_type: float):
@@ -120,9 +123,15 @@ def gather(opt, relayout: tuple, with_state: bool = True) -> list[dict] | None:
         if bucket is None:
             bucket = by_key[key] = {
                 "device": p.device, "dtype": p.dtype, "backend": resolved[p.device], "params": [], "grads": [],
-                "group_index": [], "param_ids": [], "master": [],
+                "group_index": [], "param_ids": [], "master": [], "standins": [],
             }
             buckets.append(bucket)
+        if not _fo._dense(p):
+            # Elements not dense in memory (a view that skips some): the kernels update a dense copy, written back
+            # after the launch (FusedOptimizer's _Bucket.standins).
+            dense = p.contiguous()
+            bucket["standins"].append((p, dense))
+            p = dense
         bucket["params"].append(p)
         bucket["grads"].append(grad)
         bucket["group_index"].append(index)
@@ -188,7 +197,7 @@ def _prepare(opt, with_state: bool) -> tuple | None:
 def _prepare_or_raise(opt, with_state: bool) -> tuple:
     rows = opt._current_rows()
     if getattr(opt, "found_inf", None) is not None:
-        opt._amp_seen = True  # the traced code reads found_inf: a new one makes a new trace
+        opt._note_amp_step()  # the traced code reads found_inf: a new one makes a new trace
     with_grad = []
     for group in opt.param_groups:
         for p in group["params"]:
@@ -221,7 +230,8 @@ def _prepare_or_raise(opt, with_state: bool) -> tuple:
         # The same dicts as in opt.state (a state tensor replaced in one is seen); load_state_dict drops the list.
         opt._slots["states"] = [opt.state.get(p) for p in params]
     opt._slots["fresh"] = tuple(sorted(fresh))
-    return tuple(param_ids[id(p)] for _, p in with_grad if _fo._local(p.grad).stride() != _fo._local(p).stride())
+    return tuple(param_ids[id(p)] for _, p in with_grad
+                 if _fo._local(p.grad).stride() != _fo._walked_strides(_fo._local(p)))
 
 
 def clip_pass(buckets: list[dict], max_norm: float, norm_type: float, grad_scale):

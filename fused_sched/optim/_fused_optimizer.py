@@ -42,7 +42,6 @@ from torch.optim import Optimizer
 
 from .. import _hyper, backends
 from .._extension import load_extension
-from .._scheduler_base import same_lr
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,10 +51,16 @@ class _Bucket:
 
     ``sharded``: (DTensor param, its local shard) pairs when the parameters are DTensors (FSDP2): the C++ bucket
     holds the local shards, and the gradients' local shards are handed to them before every check
-    (``lend_local_grads``) and taken back once the step is launched (``return_local_grads``)."""
+    (``lend_local_grads``) and taken back once the step is launched (``return_local_grads``).
+
+    ``standins``: (param, dense copy) pairs for parameters whose elements are not dense in memory (a view that skips
+    elements, ``w[:, ::2]``), which a kernel walking flat memory cannot update in place: the C++ bucket holds a
+    dense copy, which takes the parameter's values and gradient before every check (``lend_standins``), and whose
+    updated values are scattered back into the parameter once the step is launched (``return_standins``): two
+    extra copies of such parameters per step, the others untouched."""
 
     __slots__ = ("device", "dtype", "backend", "params", "group_index", "native", "fresh", "runner", "sharded",
-                 "param_ids")
+                 "param_ids", "standins")
 
     def __init__(self, device, dtype, backend, params, group_index):
         self.device = device
@@ -68,6 +73,7 @@ class _Bucket:
         self.runner = None
         self.sharded = None
         self.param_ids = None
+        self.standins = None
 
     def lend_local_grads(self) -> None:
         for param, local in self.sharded:
@@ -78,6 +84,17 @@ class _Bucket:
         # A local shard must not keep its gradient alive after zero_grad(set_to_none=True) of the DTensor.
         for _, local in self.sharded:
             local.grad = None
+
+    def lend_standins(self) -> None:
+        for param, dense in self.standins:
+            dense.copy_(param)  # values written into the parameter by hand since the last step
+            grad = param.grad
+            dense.grad = None if grad is None else _dense_copy(grad, dense)
+
+    def return_standins(self) -> None:
+        for param, dense in self.standins:
+            param.copy_(dense)
+            dense.grad = None
 
 
 class _Plan:
@@ -93,6 +110,8 @@ class _Plan:
         for b in self.buckets:
             if b.sharded:
                 b.lend_local_grads()
+            if b.standins:
+                b.lend_standins()
             if b.native.refresh_grads() != "":
                 return False
         return True
@@ -166,7 +185,7 @@ class FusedOptimizer(Optimizer):
         self._slots["pending"] = value
 
     # -- subclass hooks -------------------------------------------------------------------------------------
-    def _validate_group(self, group: dict) -> None:
+    def _validate_group(self, group: dict, at_step: bool = False) -> None:
         raise NotImplementedError
 
     def _row(self, group: dict) -> tuple:
@@ -203,6 +222,8 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("rounding_seed", 0)
         self.__dict__.setdefault("_slots", _slots())
+        for key, value in _slots().items():
+            self._slots.setdefault(key, value)
         self.__dict__.setdefault("_advance", {})
         self.__dict__.setdefault("_amp_seen", False)
         self._invalidate()
@@ -234,6 +255,16 @@ class FusedOptimizer(Optimizer):
         self._rows = None
         self._hyper = {}
         self._slots["states"] = None
+
+    def state_dict(self) -> dict:
+        """torch.optim.Optimizer.state_dict. When GradScaler skipped steps that the bound scheduler's host
+        bookkeeping counted, the groups' lr (and momentum) are first brought back to the schedule's (a device read,
+        as the scheduler's own state_dict() does), so the saved groups hold the values the next step applies."""
+        binding = self._schedule
+        scheduler = binding.owner() if binding is not None else None
+        if scheduler is not None:
+            scheduler._sync_skipped_steps()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict saved by this class or by its torch.optim counterpart.
@@ -294,8 +325,9 @@ class FusedOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
-            self._amp_seen = True
+            self._note_amp_step()
         slots = self._slots
+        slots["stepped"] = True
         clip = slots["pending"]
         if clip is not None:
             slots["pending"] = None
@@ -309,6 +341,8 @@ class FusedOptimizer(Optimizer):
             self._run_bucket(bucket, table, amp)
             if bucket.sharded:
                 bucket.return_local_grads()
+            if bucket.standins:
+                bucket.return_standins()
         return loss
 
     def _bucket_inputs(self, device: torch.device, rows: list, tables: dict, grad_scale, found_inf, clip):
@@ -328,12 +362,24 @@ class FusedOptimizer(Optimizer):
         return table, amp
 
     def _step_advance(self, device: torch.device) -> torch.Tensor:
-        """float64 [1] on `device`: 1 after a step that ran, 0 after one that GradScaler's found_inf skipped
-        (written by the kernels). A device scheduler adds it to its step counter."""
+        """float64 [1] on `device`: whether an optimizer step ran since the bound scheduler's last step. The kernels
+        set it to 1 when a step runs and leave it when GradScaler's found_inf skips one; the scheduler adds it to
+        its step counter and clears it (ScheduleBinding.advance), once a GradScaler is in use."""
         advance = self._advance.get(device)
         if advance is None:
-            advance = self._advance[device] = torch.ones(1, dtype=torch.float64, device=device)
+            advance = self._advance[device] = torch.zeros(1, dtype=torch.float64, device=device)
         return advance
+
+    def _note_amp_step(self) -> None:
+        """A step handed a GradScaler's found_inf. On the first one, the step_advance flags start to count: without
+        a GradScaler every step ran, so a flag holds 1 exactly when an optimizer step came since the scheduler's
+        last step, a fact the host knows (_slots["stepped"]); it is set so, and from now on the kernels keep it."""
+        if self._amp_seen:
+            return
+        self._amp_seen = True
+        if not self._slots["stepped"]:
+            for flag in self._advance.values():  # a flag made later starts at 0
+                flag.zero_()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim.Optimizer.zero_grad; also drops a pending clip_grad_norm_() coefficient, which belonged to
@@ -465,30 +511,44 @@ class FusedOptimizer(Optimizer):
         rows = [self._row(g) for g in self.param_groups]
         binding = self._schedule
         if binding is not None:
-            if len(binding.programs) != len(rows):
+            if len(binding.programs) > len(rows):
                 raise ValueError(f"the attached scheduler describes {len(binding.programs)} param groups but the "
-                                 f"optimizer has {len(rows)} (a group was added after the scheduler was built)")
+                                 f"optimizer has {len(rows)}")
+            # Groups added after the scheduler was built: the kernels take their values from the groups.
+            binding.cover_groups(len(rows))
             # The kernels take these values from the schedule programs: the host copies that the scheduler keeps
             # in the param groups must not cause a table upload at every step.
             momentum_column = self._momentum_column()
             # Under torch.compile the comparison would make Dynamo guard on every new lr value (a recompilation per
             # scheduler step): a compiled step always follows the program.
-            host_lrs = None if torch.compiler.is_compiling() else binding.host_lrs
+            compiling = torch.compiler.is_compiling()
+            host_lrs = None if compiling else binding.host_lrs
+            host_momenta = None if compiling else binding.host_momenta
             for g, row in enumerate(rows):
                 if binding.lr_groups[g] or binding.momentum_groups[g]:
                     row = list(row)
+                    flags = int(row[_hyper.FLAGS])
                     lr = self.param_groups[g]["lr"]
-                    if host_lrs is not None and not same_lr(lr, host_lrs[g]):
-                        # Written by hand since the scheduler's last step: that lr holds, as it would in torch.
-                        row[_hyper.FLAGS] = float(int(row[_hyper.FLAGS]) | _hyper.LR_FROM_TABLE)
+                    if isinstance(lr, torch.Tensor) or (host_lrs is not None and not _hyper.same_lr(lr, host_lrs[g])):
+                        # A tensor lr is always read from the tensor (_device_values; the programs of tensor lrs
+                        # are host mode, whose values torch's scheduler writes into the tensor in place, as a user
+                        # or SWALR may). A float lr written by hand since the scheduler's last step holds, as it
+                        # would in torch.
+                        flags |= _hyper.LR_FROM_TABLE
                     elif binding.lr_groups[g]:
                         row[_hyper.LR] = 0.0
                     if binding.momentum_groups[g]:
-                        row[momentum_column] = 0.0
+                        if host_momenta is not None and not _hyper.same_lr(_hyper.momentum_of(self.param_groups[g]),
+                                                                    host_momenta[g]):
+                            # beta1 / momentum written by hand: the next step uses it, as torch's would.
+                            flags |= _hyper.MOMENTUM_FROM_TABLE
+                        else:
+                            row[momentum_column] = 0.0
+                    row[_hyper.FLAGS] = float(flags)
                     rows[g] = tuple(row)
         if rows != self._rows:
             for g in self.param_groups:
-                self._validate_group(g)
+                self._validate_group(g, at_step=True)
             if self._rows is not None and len(rows) == len(self._rows):
                 # A change of a value that decides which state exists (amsgrad, momentum != 0, master_weights) or
                 # what a plan checks (stochastic_rounding: no float16 params) needs a new plan.
@@ -540,9 +600,9 @@ class FusedOptimizer(Optimizer):
         if group.get("stochastic_rounding") and p.dtype == torch.float16:
             raise ValueError("stochastic_rounding rounds bfloat16 parameters; a float16 parameter needs "
                              "master_weights=True instead")
-        if not _dense(_local(p)):
-            raise ValueError("fused_sched needs parameters whose elements are dense in memory (a view that skips "
-                             "elements cannot be updated in place by a fused kernel)")
+        if _is_dtensor(p) and not _dense(_local(p)):
+            raise ValueError("fused_sched needs DTensor parameters whose local shards are dense in memory (a view "
+                             "that skips elements)")
         for key in self._state_keys:
             value = self.state.get(p, {}).get(key)
             if isinstance(value, torch.Tensor) and value.shape != p.shape:
@@ -569,7 +629,7 @@ class FusedOptimizer(Optimizer):
             if p.device not in resolved:
                 resolved[p.device] = backends.resolve(self.backend, p.device)
         for _, _, p in with_grad:
-            if _local(p.grad).stride() != _local(p).stride():
+            if _local(p.grad).stride() != _walked_strides(_local(p)):
                 # The kernels walk a gradient as the flat array of its parameter: a gradient laid out otherwise
                 # (a transposed or sliced view) is replaced by an equal one in the parameter's layout, as torch's
                 # fused path copies it to a contiguous temporary. Such a plan is rebuilt at every step.
@@ -603,6 +663,13 @@ class FusedOptimizer(Optimizer):
                 masters = []
             ids = bucket.param_ids = [param_ids[id(p)] for p in bucket.params]
             locals_ = [_local(p) for p in bucket.params]
+            standins = [(i, p) for i, p in enumerate(locals_) if not _dense(p)]
+            if standins:
+                bucket.standins = []
+                for i, p in standins:
+                    dense = locals_[i] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    bucket.standins.append((p, dense))
+                bucket.lend_standins()
             if any(_is_dtensor(p) for p in bucket.params):
                 bucket.sharded = [(p, local) for p, local in zip(bucket.params, locals_, strict=True)
                                   if _is_dtensor(p)]
@@ -662,7 +729,7 @@ class FusedOptimizer(Optimizer):
         # into its new layout, element by element as torch indexes them.
         for key in (*self._state_keys, MASTER_KEY):
             value = state.get(key)
-            if isinstance(value, torch.Tensor) and _local(value).stride() != _local(p).stride():
+            if isinstance(value, torch.Tensor) and _local(value).stride() != _walked_strides(_local(p)):
                 state[key] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(value)
         return created
 
@@ -673,8 +740,9 @@ def _slots() -> dict:
     ids of the momentum buffers that no step filled yet ("fresh") and of those whose first step was handed a
     GradScaler found_inf, with it ("unfilled": [(param ids, found_inf)], until _settle_fresh() reads it); and for
     the compiled step each param's state dict, by param id ("states", None until a trace builds it; dropped with the
-    eager plan by _invalidate)."""
-    return {"pending": None, "norm": None, "fresh": (), "unfilled": None, "states": None}
+    eager plan by _invalidate); and whether a step ran since the bound scheduler's last step ("stepped",
+    ScheduleBinding.advance)."""
+    return {"pending": None, "norm": None, "fresh": (), "unfilled": None, "states": None, "stepped": False}
 
 
 def _is_dtensor(t) -> bool:
@@ -755,6 +823,25 @@ def _check_max_norm(value, name: str, allow_none: bool) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
         raise ValueError(f"Invalid {name}: {value!r}; expected a non-negative number")
+
+
+def _walked_strides(t: torch.Tensor) -> tuple:
+    """The strides the kernels walk a parameter's gradient and states with: the parameter's own, or for a parameter
+    that is not dense (a stand-in's, see _Bucket) the contiguous ones that empty_like gives it."""
+    if _dense(t):
+        return t.stride()
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _dense_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` itself when it has the strides of `like`, else a copy of it with them."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
 
 
 def _dense(t: torch.Tensor) -> bool:

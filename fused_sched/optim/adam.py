@@ -126,10 +126,17 @@ class Adam(FusedOptimizer):
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", False))
 
-    def _validate_group(self, group: dict) -> None:
+    def _validate_group(self, group: dict, at_step: bool = False) -> None:
+        """torch.optim.Adam's checks, in its order and with its messages. at_step: the re-check of a step after a
+        group changed, which leaves out the betas' ranges: torch checks them only when the optimizer is made, and
+        schedulers (OneCycleLR, CyclicLR) write beta1 freely."""
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        foreach_without_capture = group.get("foreach") and not group.get("capturable")
+        if isinstance(lr, torch.Tensor):
+            if foreach_without_capture:
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
         if not _traced_tensor(lr) and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         eps = group["eps"]
@@ -138,13 +145,24 @@ class Adam(FusedOptimizer):
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas must hold two values, got {betas!r}")
-        for i, beta in enumerate(betas):
-            if isinstance(beta, torch.Tensor) and beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
-            if not _traced_tensor(beta) and not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not at_step:
+            for i, beta in enumerate(betas):
+                if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+                if not _traced_tensor(beta) and not 0.0 <= beta < 1.0:
+                    raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if not at_step:
+            tensors = [isinstance(beta, torch.Tensor) for beta in betas]
+            if any(tensors) and not all(tensors) or not any(tensors) and not all(isinstance(b, float) for b in betas):
+                raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor):
+                if foreach_without_capture:
+                    raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
         if group.get("differentiable"):
             raise ValueError("fused_sched does not support differentiable=True")
         _validate_precision_options(group)

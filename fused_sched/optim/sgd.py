@@ -88,17 +88,20 @@ class SGD(FusedOptimizer):
             group.setdefault("fused", False)
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
 
-    def _validate_group(self, group: dict) -> None:
+    def _validate_group(self, group: dict, at_step: bool = False) -> None:
+        """torch.optim.SGD's checks, in its order and with its messages. at_step: the re-check of a step after a
+        group changed, which leaves out what torch checks only when the optimizer is made (the momentum's range
+        and Nesterov's condition): schedulers (OneCycleLR, CyclicLR) write the momentum freely."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not _traced_tensor(lr) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
-        if group["momentum"] < 0.0:
+        if not at_step and group["momentum"] < 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         if group["weight_decay"] < 0.0:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        if not at_step and group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if group.get("differentiable"):
             raise ValueError("fused_sched does not support differentiable=True")

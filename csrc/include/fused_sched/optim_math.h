@@ -49,7 +49,8 @@ enum HyperFlag : uint32_t {
   kStochasticRounding = 16u,   // bfloat16 params without a master copy are written with stochastic rounding
   kMasterWeights = 32u,        // informational: the group keeps float32 master copies (found by address)
   kLrFromTable = 64u,          // the row's lr holds even where a schedule program sets one (an lr written into the
-                               // param group by hand since the scheduler's last step)
+                               // param group by hand since the scheduler's last step, or a tensor lr)
+  kMomentumFromTable = 128u,   // the same for the momentum target (Adam: beta1, SGD: momentum) written by hand
 };
 
 // Columns of the int64 address table that the device kernels (Triton, CUDA) read, one row per tensor of a bucket
