@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install "torch==2.13.0"
 fi
-python -m pip install "triton>=3.6" ninja numpy pytest expecttest ruff transformers matplotlib hypothesis setuptools wheel accelerate lightning
+python -m pip install -r .ci/test-requirements.txt
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install --no-build-isolation -e . 
 python -c "import fused_sched, fused_sched._C as c; print('fused_sched', fused_sched.__version__, 'cpu kernels:', c.cpu_capability(), 'cuda kernels:', c.cuda_compiled())"

@@ -44,10 +44,15 @@ def _jit_sources(root: str, with_cuda: bool) -> tuple[list[str], list[str], list
 
 def _jit_build():
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, load
+    import torch.utils.cpp_extension as cpp_extension
 
     root = _source_root()
-    with_cuda = _sources.wants_cuda(os.environ, torch.version.cuda, CUDA_HOME)
+    cuda_home = None
+    if torch.version.cuda is not None:
+        # torch's own guess is the folder above the nvcc on PATH, no toolkit when that nvcc is a wrapper script.
+        cuda_home, _ = _sources.find_cuda_home(os.environ)
+        cpp_extension.CUDA_HOME = cuda_home
+    with_cuda = _sources.wants_cuda(os.environ, torch.version.cuda, cuda_home)
     sources, cflags, cuda_flags = _jit_sources(root, with_cuda)
     include_dirs = [os.path.join(root, d) for d in _sources.INCLUDE_DIRS]
     digest = hashlib.sha256()
@@ -62,7 +67,7 @@ def _jit_build():
         os.path.expanduser("~"), ".cache", "fused_sched", tag
     )
     os.makedirs(build_dir, exist_ok=True)
-    return load(
+    return cpp_extension.load(
         name="fused_sched_C",
         sources=sources,
         extra_include_paths=include_dirs,

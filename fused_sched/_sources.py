@@ -19,9 +19,72 @@ CUDA_GLUE_GLOB = "csrc/cuda/*.cpp"
 
 
 def wants_cuda(environ, torch_cuda_version, cuda_home) -> bool:
-    """Whether a build includes the CUDA kernels: torch is a CUDA build, a CUDA toolkit is found (torch's
-    CUDA_HOME) and FUSED_SCHED_SKIP_CUDA is not 1. One rule for setup.py and the just-in-time build."""
+    """Whether a build includes the CUDA kernels: torch is a CUDA build, a CUDA toolkit is found (find_cuda_home)
+    and FUSED_SCHED_SKIP_CUDA is not 1. One rule for setup.py and the just-in-time build."""
     return environ.get("FUSED_SCHED_SKIP_CUDA", "0") != "1" and torch_cuda_version is not None and cuda_home is not None
+
+
+def is_cuda_toolkit(folder) -> bool:
+    """A folder is a CUDA toolkit when it has bin/nvcc and include/cuda_runtime.h (a folder with only an nvcc, such
+    as the one of a wrapper script, is not)."""
+    import os
+
+    return bool(folder) and os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h")) and os.access(
+        os.path.join(folder, "bin", "nvcc"), os.X_OK)
+
+
+def _nvcc_top(nvcc):
+    """The toolkit an nvcc command runs from, as it says itself (`nvcc --dryrun` prints `TOP=<toolkit>/bin/..`):
+    right for a wrapper script elsewhere on PATH, which torch's guess (the folder above nvcc's) is not."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.normpath(line[len("#$ TOP="):].strip().strip('"'))
+    return None
+
+
+def find_cuda_home(environ, system_root="/usr/local"):
+    """(CUDA toolkit folder or None, a line saying what was found). Looked for in this order: $CUDA_HOME,
+    $CUDA_PATH, the toolkit of the nvcc on PATH (asked with --dryrun, then the folder above its real path),
+    {system_root}/cuda, the newest {system_root}/cuda-*. A candidate counts only when it is a toolkit
+    (is_cuda_toolkit)."""
+    import glob
+    import os
+    import re
+    import shutil
+
+    rejected = []
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        folder = environ.get(name)
+        if folder:
+            if is_cuda_toolkit(folder):
+                return folder, f"CUDA toolkit {folder} (${name})"
+            rejected.append(f"${name}={folder} has no include/cuda_runtime.h or bin/nvcc")
+    candidates = []
+    nvcc = shutil.which("nvcc", path=environ.get("PATH"))
+    if nvcc:
+        candidates.append(_nvcc_top(nvcc))
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append(os.path.join(system_root, "cuda"))
+
+    def version(folder):
+        return tuple(int(x) for x in re.findall(r"\d+", os.path.basename(folder)))
+
+    candidates += sorted(glob.glob(os.path.join(system_root, "cuda-*")), key=version, reverse=True)
+    for folder in candidates:
+        if is_cuda_toolkit(folder):
+            note = "; ".join(rejected)
+            return os.path.realpath(folder), f"CUDA toolkit {os.path.realpath(folder)}" + (f" ({note})" if note else "")
+    reasons = rejected + ([f"nvcc on PATH ({nvcc}) belongs to no toolkit with cuda_runtime.h"] if nvcc else
+                          ["no nvcc on PATH"])
+    return None, "no usable CUDA toolkit (" + "; ".join(reasons) + ")"
 
 INCLUDE_DIRS = ["csrc/include", "csrc"]
 

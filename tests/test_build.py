@@ -18,6 +18,60 @@ def test_cuda_kernels_are_built_exactly_when_torch_and_a_toolkit_have_cuda():
     assert not _sources.wants_cuda({"FUSED_SCHED_SKIP_CUDA": "1"}, "13.0", "/usr/local/cuda")
 
 
+def _toolkit(folder, nvcc_prints_top=True):
+    """A fake CUDA toolkit: include/cuda_runtime.h and a bin/nvcc that answers --dryrun as nvcc does."""
+    (folder / "include").mkdir(parents=True)
+    (folder / "include" / "cuda_runtime.h").write_text("")
+    (folder / "bin").mkdir()
+    top = f'echo "#$ TOP={folder}/bin/.." >&2' if nvcc_prints_top else "true"
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\n{top}\n")
+    nvcc.chmod(0o755)
+    return folder
+
+
+def _wrapper(folder, target):
+    """An nvcc on PATH outside the toolkit: a script that runs the real one (the CI machine's layout)."""
+    folder.mkdir(parents=True)
+    nvcc = folder / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\nexec {target} "$@"\n')
+    nvcc.chmod(0o755)
+    return folder
+
+
+def test_cuda_toolkit_is_found_past_a_wrapper_script_on_path(tmp_path):
+    toolkit = _toolkit(tmp_path / "opt" / "cuda-13.0")
+    wrapper = _wrapper(tmp_path / "usr" / "bin", toolkit / "bin" / "nvcc")
+    env = {"PATH": str(wrapper)}
+    # torch's guess would be tmp_path/usr, the folder above the wrapper: no cuda_runtime.h there.
+    home, note = _sources.find_cuda_home(env, system_root=str(tmp_path / "none"))
+    assert home == str(toolkit) and "CUDA toolkit" in note
+
+
+def test_cuda_toolkit_is_found_from_an_nvcc_in_its_own_bin_folder(tmp_path):
+    """The GPU machines' layout: nvcc on PATH is the toolkit's own (reached through a symlink here)."""
+    toolkit = _toolkit(tmp_path / "cuda-12.8", nvcc_prints_top=False)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    home, _ = _sources.find_cuda_home({"PATH": str(tmp_path / "bin")}, system_root=str(tmp_path / "none"))
+    assert home == str(toolkit)
+
+
+def test_a_cuda_home_without_cuda_runtime_h_is_not_a_toolkit(tmp_path):
+    toolkit = _toolkit(tmp_path / "local" / "cuda-13.0")
+    not_a_toolkit = tmp_path / "wrappers"
+    _wrapper(not_a_toolkit / "bin", toolkit / "bin" / "nvcc")
+    env = {"CUDA_HOME": str(not_a_toolkit), "PATH": str(tmp_path / "empty")}
+    home, note = _sources.find_cuda_home(env, system_root=str(tmp_path / "local"))
+    assert home == str(toolkit)  # the newest system_root/cuda-* instead
+    assert f"$CUDA_HOME={not_a_toolkit} has no include/cuda_runtime.h" in note
+
+
+def test_no_toolkit_is_said_in_one_line(tmp_path):
+    home, note = _sources.find_cuda_home({"PATH": str(tmp_path)}, system_root=str(tmp_path))
+    assert home is None and note == "no usable CUDA toolkit (no nvcc on PATH)"
+
+
 def test_jit_sources_follow_setup_py():
     cpu_sources, cpu_flags, cpu_nvcc = _extension._jit_sources(ROOT, with_cuda=False)
     assert [os.path.relpath(s, ROOT) for s in cpu_sources] == _sources.CPU_SOURCES

@@ -197,8 +197,14 @@ __device__ __forceinline__ void load_effective_row(const double* hyper, int64_t 
         evaluate_schedule(schedule + group * segments * kScheduleColumns, segments, *schedule_step, value);
     const uint32_t flags = hyper_flags(row);
     if ((set & (1u << kTargetLr)) && !(flags & kLrFromTable)) row[kLr] = value[kTargetLr];
+    // Constant indices only: row[adam ? kBeta1 : kMomentum] made the whole row a local-memory array (64 bytes
+    // of stack and 48/48 bytes of STL/LDL per step kernel on sm_80 and sm_90, bench/kernel_resources.py).
     if ((set & (1u << kTargetMomentum)) && !(flags & kMomentumFromTable)) {
-      row[adam ? kBeta1 : kMomentum] = value[kTargetMomentum];
+      if (adam) {
+        row[kBeta1] = value[kTargetMomentum];
+      } else {
+        row[kMomentum] = value[kTargetMomentum];
+      }
     }
   }
 }

@@ -170,14 +170,17 @@ FS_HOST_DEVICE uint32_t evaluate_schedule(const double* program, int64_t segment
     const int kind = static_cast<int>(s[kSegKind]);
     if (kind == kSegmentEnd) break;
     if (!(s[kSegLo] <= t && t < s[kSegHi])) continue;
-    const int target = static_cast<int>(s[kSegTarget]);
+    // Two targets (lr, momentum), each written with a constant index: value[target] with a run-time target put the
+    // caller's value array in local memory on GPUs (16 bytes of stack per step kernel, bench/kernel_resources.py).
+    const bool momentum = static_cast<int>(s[kSegTarget]) == kTargetMomentum;
+    const bool mul = static_cast<int>(s[kSegCombine]) == kCombineMul;
     const double v = segment_value(s, t);
-    if (static_cast<int>(s[kSegCombine]) == kCombineMul) {
-      value[target] *= v;
+    if (momentum) {
+      value[kTargetMomentum] = mul ? value[kTargetMomentum] * v : v;
     } else {
-      value[target] = v;
-      set |= 1u << target;
+      value[kTargetLr] = mul ? value[kTargetLr] * v : v;
     }
+    if (!mul) set |= 1u << (momentum ? kTargetMomentum : kTargetLr);
   }
   return set;
 }
