@@ -20,10 +20,14 @@ arrays that dynamic indexing put in local memory; CUDA: the spill stores / loads
 the stack frame; in the CUDA step kernels with a schedule, the frame of CUDA's double cos(), whose Payne-Hanek
 argument reduction keeps a local array for huge arguments: measured on a probe kernel and allowed),
 smem (bytes), ld / st (widest global load / store in bits: 128 is a 16-byte vector), fit (programs of this
-kernel that fit on one SM by registers, threads and shared memory) and asked (the launcher's programs per SM).
+kernel that fit on one SM by registers, threads and shared memory) and asked (the launcher's programs per SM; the
+Triton launcher caps its grid at what fits, triton_kernels.resident_programs).
 
---check fails (exit 1) on a compile error and on local-memory traffic (spills) or stack use in any sm_90
-kernel. Results are written to
+--check fails (exit 1) on what ``problems`` lists: a compile error; spills or stack use in any sm_90 kernel and
+any sm_80 step kernel, beyond libm's cos frame (CUDA) or a call frame of at most 8 bytes around the compiler's own
+subroutines (``CALL_FRAME_*``); a Triton step kernel without 128-bit loads and stores; a CUDA kernel that fits
+fewer blocks per SM than its launcher asks for, or a Triton kernel fewer than 2 programs (the Triton launcher
+sizes its grid by what fits). Results are written to
 bench/results/kernel-resources.md (one table per triton version and per nvcc).
 """
 
@@ -103,7 +107,7 @@ def read_cubin(path: str) -> dict[str, dict]:
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if m and name:
             out[name] = {"regs": int(m.group(1)), "stack": int(m.group(2)), "smem": int(m.group(3)),
-                         "spill_st": 0, "spill_ld": 0, "ld": 0, "st": 0, "ld128": 0}
+                         "spill_st": 0, "spill_ld": 0, "ld": 0, "st": 0, "ld128": 0, "calls": 0}
     sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     name = None
     for line in sass.splitlines():
@@ -113,6 +117,8 @@ def read_cubin(path: str) -> dict[str, dict]:
             continue
         if name not in out:
             continue
+        if re.search(r"\bCALL\.", line):
+            out[name]["calls"] += 1
         for op in re.findall(r"\b((?:LDG|STG|STL|LDL)(?:\.[A-Z0-9_]+)*)", line):
             kind = op.split(".")[0]
             entry = out[name]
@@ -129,14 +135,12 @@ def read_cubin(path: str) -> dict[str, dict]:
 
 
 def fit(regs: int, smem: int, threads: int, arch: int) -> int:
-    """Blocks of `threads` threads that fit on one SM (registers allocated per warp in units of 256)."""
+    """Blocks of `threads` threads that fit on one SM: the formula the Triton launcher sizes its grid with."""
+    from fused_sched.backends.triton_kernels import programs_per_sm
+
     limits = SM_LIMITS[arch]
-    warps = (threads + 31) // 32
-    per_warp = -(-regs * 32 // 256) * 256
-    by_regs = limits["regs"] // max(1, per_warp * warps)
-    by_warps = limits["warps"] // warps
-    by_smem = limits["smem"] // smem if smem else limits["blocks"]
-    return min(by_regs, by_warps, by_smem, limits["blocks"])
+    return programs_per_sm(regs, (threads + 31) // 32, smem, limits["regs"], limits["warps"], limits["smem"],
+                           limits["blocks"])
 
 
 # -- Triton ----------------------------------------------------------------------------------------------------
@@ -317,22 +321,54 @@ def summary(rows: list[dict]) -> str:
     for (kernel, arch), rs in sorted(keyed.items()):
         regs = sorted(r["regs"] for r in rs)
         spills = sum(r["spill_st"] + r["spill_ld"] > 0 for r in rs)  # local-memory traffic
+        frames = sum(r["spill_st"] + r["spill_ld"] > 0 and _call_frame(r) for r in rs)
         short = [r for r in rs if r.get("asked") and r["fit"] < r["asked"]]
         out.append(f"- {kernel} sm_{arch}: {len(rs)} variants, registers {regs[0]}-{regs[-1]}, widest load "
                    f"{max(r['ld'] for r in rs)} bits (128-bit in {sum(r['ld128'] > 0 for r in rs)}), local memory in "
-                   f"{spills}, stack in {sum(r['stack'] > 0 for r in rs)}, fewer programs per SM than asked in "
-                   f"{len(short)}")
+                   f"{spills} ({frames} of them a call frame of at most {CALL_FRAME_SPILL} bytes), stack in "
+                   f"{sum(r['stack'] > 0 for r in rs)}, fewer programs per SM than asked in {len(short)}")
     return "\n".join(out)
 
 
+#: Triton's step kernels, which must move their elements in 16-byte vectors.
+STEP_KERNELS = ("adam_kernel", "sgd_kernel")
+
+
+#: A call frame: registers a kernel saves around the compiler's own subroutines (the slow paths of IEEE float64
+#: division and of sqrt / division in float32, libm), at kernel entry or per chunk, never per element. Seen on
+#: sm_90 / sm_80 with triton 3.6 and 3.9: 4-8 bytes of spill stores and an 8-byte stack in some Triton step
+#: kernels, each with CALL instructions in its SASS.
+CALL_FRAME_SPILL, CALL_FRAME_STACK = 8, 16
+#: Triton's launcher sizes its persistent grid by the programs that fit (triton_kernels.resident_programs): fewer
+#: than asked is no queueing, but fewer than this is a register blowup worth failing on.
+MIN_TRITON_FIT = 2
+
+
+def _call_frame(r: dict) -> bool:
+    return r.get("calls", 0) > 0 and max(r["spill_st"], r["spill_ld"]) <= CALL_FRAME_SPILL and \
+        r["stack"] <= CALL_FRAME_STACK
+
+
 def problems(rows: list[dict]) -> list[str]:
+    """What --check fails on: a compile error; spills or stack (sm_90: any kernel; sm_80: the step kernels) beyond
+    libm's own frame (CUDA) or a call frame around the compiler's subroutines (CALL_FRAME_*); a Triton step kernel
+    without 128-bit loads and stores; a CUDA kernel that fits fewer blocks per SM than its launcher asks for, a
+    Triton kernel fewer than MIN_TRITON_FIT programs (its grid is sized by what fits)."""
     found = []
     for r in rows:
         where = f"{r.get('source', '')} {r['kernel']} [{r['spec']}] sm_{r['arch']}"
         if "error" in r:
             found.append(f"{where}: {r['error']}")
-        elif r["arch"] == 90 and (r["spill_st"] or r["spill_ld"] or r["stack"] > r.get("libm_stack", 0)):
+            continue
+        step = r["kernel"].split("<")[0] in (*STEP_KERNELS, "adam_tables_kernel", "sgd_tables_kernel")
+        spilled = r["spill_st"] or r["spill_ld"] or r["stack"] > r.get("libm_stack", 0)
+        if (r["arch"] == 90 or step) and spilled and not _call_frame(r):
             found.append(f"{where}: spills {r['spill_st']}/{r['spill_ld']} bytes, stack {r['stack']} bytes")
+        if r["kernel"] in STEP_KERNELS and (r["ld"] < 128 or r["st"] < 128):
+            found.append(f"{where}: widest global load / store {r['ld']} / {r['st']} bits, not 128")
+        triton = r.get("source", "").startswith("triton")
+        if r.get("asked") and r["fit"] < (min(r["asked"], MIN_TRITON_FIT) if triton else r["asked"]):
+            found.append(f"{where}: {r['fit']} programs fit on an SM, the launcher asks for {r['asked']}")
     return found
 
 

@@ -288,3 +288,52 @@ def test_norm_pass_accumulation_for_a_sharded_clip(norm_type, backend):
     expected_total = want.item() if norm_type in (1.0, float("inf")) else want.item() ** (1.0 / norm_type)
     # total is float32 (one rounding, 6e-8 relative); the float64 coefficient formula is re-rounded the same way
     assert total == pytest.approx(expected_total, rel=1e-6) and coef == pytest.approx(min(1.0, 1.0 / (total + 1e-6)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_vector_and_scalar_paths_equal_the_cpu_backend_bit_for_bit(dtype, backend):
+    """SGD over aligned tensors with a partial last block (the Triton kernels' vector path, then the masked tail)
+    and tensors that start off a 16-byte boundary (the masked path throughout), with momentum, dampening or
+    Nesterov, weight decay, master weights (float16) and a fresh buffer in the second group."""
+    numels = [1030, 9, 70001, 513, 2048]
+    results = []
+    for name, device in (("cpu", "cpu"), (backend, DEVICE)):
+        gen = torch.Generator().manual_seed(5)
+        params = []
+        for i, n in enumerate(numels):
+            storage = torch.randn(n + 1, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+            params.append(torch.nn.Parameter(storage[1:] if i % 2 else storage[:n]))  # odd: misaligned start
+        groups = [{"params": params[:3], "nesterov": True, "dampening": 0.0},
+                  {"params": params[3:], "dampening": 0.3, "weight_decay": 0.0,
+                   "master_weights": dtype == torch.float16}]
+        opt = fused_sched.SGD(groups, lr=1e-2, momentum=0.9, weight_decay=0.1, backend=name)
+        for step in range(3):
+            for i, p in enumerate(params):
+                if step == 0 and i >= 3:
+                    continue  # the second group's buffers are made at the second step
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().cpu() for p in params] +
+                       [opt.state[p]["momentum_buffer"].cpu() for p in params])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_triton_persistent_grid_is_sized_by_the_programs_that_fit(monkeypatch):
+    """The Triton launcher caps its grid at the programs its compiled kernel keeps resident (4 per SM asked):
+    registers allocated per warp in units of 256, 64K registers, 64 warps and the shared memory of an SM."""
+    from types import SimpleNamespace
+
+    from fused_sched.backends import triton_kernels as kernels
+
+    assert kernels.programs_per_sm(128, 4, 1024) == 4  # 128 x 32 x 4 = 16384 registers a program
+    assert kernels.programs_per_sm(150, 4, 1024) == 3  # 150 -> 152 per thread: 19456 a program
+    assert kernels.programs_per_sm(32, 4, 0) == 16  # 16 programs of 4 warps fill 64 warps
+    assert kernels.programs_per_sm(32, 4, 100 * 1024) == 2  # shared memory bound
+    props = SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                            max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=228 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    compiled = SimpleNamespace(n_regs=150, metadata=SimpleNamespace(num_warps=4, shared=1024))
+    assert kernels.resident_programs(compiled, torch.device("cuda", 0)) == 3 * 132

@@ -24,6 +24,12 @@ Design
   a schedule HAS_SCHEDULE is false and none of it is compiled.
 * Persistent grid: ``num_programs`` programs, program ``pid`` taking chunks ``pid, pid + num_programs, ...``.
   Offsets are int64 throughout: tensors of more than 2**31 elements work.
+* Vector path: the addresses come from a table, so Triton knows nothing of their alignment and would move every
+  element on its own (32-bit loads). A chunk whose tensors all start on a 16-byte boundary runs its full blocks
+  through ``_adam_block`` / ``_sgd_block`` with FULL=True: alignment and contiguity hints, no element masks (the
+  optional states are gated by masks uniform over the block), so every load and store is a 16-byte vector; the
+  partial last block and misaligned tensors take the masked path (FULL=False). Both paths compute the same
+  operations in the same order (bit-for-bit tests against the C++ backend cover each).
 * Step advance without a race: a program reads a tensor's step (and uses step + 1) while it updates that
   tensor's chunks, so no step may change before every program is done. Each program therefore takes a ticket
   from ``counter`` (int32, zero before the launch) once its chunks are done; the program holding the last ticket
@@ -70,7 +76,9 @@ __all__ = ["COL_MASTER", "COL_NUMEL", "COL_PARAM_ID", "COL_STEP", "TABLE_COLUMNS
            "launch_sgd", "launch_grad_norm"]
 
 # Untuned: no GPU was available when these were chosen. CHUNK must be a multiple of BLOCK, BLOCK a power of two.
-DEFAULT_BLOCK = 1024  # elements per inner iteration of a program
+# BLOCK 512: one 16-byte vector per thread and tensor at 4 warps; 1024 took Adam to 150-212 registers on sm_90
+# (3 programs per SM instead of the 4 asked), 512 to 93-127 (bench/results/kernel-resources.md).
+DEFAULT_BLOCK = 512  # elements per inner iteration of a program
 DEFAULT_CHUNK = 65536  # elements per chunk (unit of work handed to a program)
 DEFAULT_NUM_WARPS = 4
 # Rows handled per iteration when the last program advances the steps / clears the fresh flags.
@@ -251,6 +259,73 @@ def _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group, f
 
 
 @triton.jit
+def _state_mask(flag, offs, off, end, BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """The mask of an optional state (a scalar flag says whether it exists). FULL: `flag` everywhere, uniform, so
+    it keeps a vector load or store whole; otherwise the elements up to `end` when `flag`, through the end of the
+    mask rather than (mask & flag), which the Triton interpreter mistypes."""
+    if FULL:
+        return tl.full([BLOCK], 0, tl.int32) + flag.to(tl.int32) != 0
+    else:
+        return offs < tl.where(flag, end, off)
+
+
+@triton.jit
+def _block_inputs(param_ptr, grad_ptr, master_ptr, off, end, has_master, grad_scale, clip_coef,
+                  PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                  FULL: tl.constexpr):
+    """A block's offsets, element mask (FULL: all true), master-copy mask, float32 parameter (from
+    the master copy where there is one) and prescaled gradient (written back when scaled or clipped, as torch's
+    fused kernels leave it). FULL: a whole block of 16-byte aligned tensors, offsets hinted contiguous and
+    aligned."""
+    offs = off + tl.arange(0, BLOCK)
+    if FULL:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        mask = tl.full([BLOCK], 1, tl.int1)  # a constant: the compiler drops it
+    else:
+        mask = offs < end
+    master_mask = _state_mask(has_master, offs, off, end, BLOCK, FULL)
+    p = tl.load(param_ptr + offs, mask=_state_mask(has_master == 0, offs, off, end, BLOCK, FULL)).to(tl.float32)
+    p = tl.where(master_mask, tl.load(master_ptr + offs, mask=master_mask), p)
+    g = _prescale(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), grad_scale, clip_coef, HAS_SCALE, HAS_CLIP)
+    if HAS_SCALE or HAS_CLIP:
+        tl.store(grad_ptr + offs, _to_param_dtype(g, PARAM_DTYPE), mask=mask)
+    return offs, mask, master_mask, p, g
+
+
+@triton.jit
+def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, off, end, amsgrad,
+                has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
+                lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
+                stochastic, key, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_CLIP: tl.constexpr, FULL: tl.constexpr):
+    """adam_element over the BLOCK elements at `off`. FULL: a whole block of 16-byte aligned tensors (contiguous,
+    aligned offsets; the optional states gated by uniform masks); otherwise elements up to `end` only."""
+    offs, mask, master_mask, p, g = _block_inputs(param_ptr, grad_ptr, master_ptr, off, end, has_master, grad_scale,
+                                                  clip_coef, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, FULL)
+    vmax_mask = _state_mask(amsgrad, offs, off, end, BLOCK, FULL)
+    m = tl.load(exp_avg_ptr + offs, mask=mask)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
+    vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask)
+
+    # adam_element, operation for operation.
+    g = g * grad_sign
+    p = tl.where(decoupled, p * decay, p)
+    g = tl.where(l2, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
+    m = tl.where(lerp_small, tl.fma(lerp_weight, g - m, m), tl.fma(lerp_weight_minus_one, g - m, g))
+    v = v * beta2_f
+    v = v + one_minus_beta2 * g * g
+    vmax = tl.where((vmax != vmax) | (vmax > v), vmax, v)  # torch.maximum propagates NaN
+    second = tl.where(amsgrad, vmax, v)
+    denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+
+    _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, stochastic, key, PARAM_DTYPE)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=vmax_mask)
+
+
+@triton.jit
 def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, schedule_ptr, segments,
                 schedule_step_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, step_advance_ptr, seed_lo, seed_hi,
                 PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -263,6 +338,16 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         row = tl.load(chunks_ptr + 2 * c)
         start = tl.load(chunks_ptr + 2 * c + 1)
         entry = table_ptr + row * _W
+        group = tl.load(entry + 7)
+        h = hyper_ptr + group * 8
+        # adam_coeffs: float64 scalars, rounded to float32 once. The schedule first: its evaluation calls functions
+        # (noinline), and the fewer values live across those calls, the fewer registers are saved to the stack
+        # around them (sm_90: 4-8 bytes of spills in some scheduled variants otherwise).
+        lr = tl.load(h + 0)
+        beta1 = tl.load(h + 1)
+        if HAS_SCHEDULE:
+            lr, beta1 = _scheduled(lr, beta1, schedule_ptr, segments, schedule_step_ptr, group,
+                                   tl.load(h + 7).to(tl.int32))
         param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
         exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
@@ -270,18 +355,9 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         max_exp_avg_sq_ptr = tl.load(entry + 4).to(tl.pointer_type(tl.float32))
         step_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
         numel = tl.load(entry + 6)
-        group = tl.load(entry + 7)
         master_address = tl.load(entry + 8)
         master_ptr = master_address.to(tl.pointer_type(tl.float32))
         has_master = master_address != 0
-        h = hyper_ptr + group * 8
-
-        # adam_coeffs: float64 scalars, rounded to float32 once.
-        lr = tl.load(h + 0)
-        beta1 = tl.load(h + 1)
-        if HAS_SCHEDULE:
-            lr, beta1 = _scheduled(lr, beta1, schedule_ptr, segments, schedule_step_ptr, group,
-                                   tl.load(h + 7).to(tl.int32))
         beta2 = tl.load(h + 2)
         eps = tl.load(h + 3).to(tl.float32)
         wd = tl.load(h + 4)
@@ -309,44 +385,49 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
                             tl.load(entry + 9).to(tl.uint32))
 
         end = tl.minimum(start + CHUNK, numel)
-        # Flags gate the optional states through the end of their masks: (mask & scalar flag) is mistyped by
-        # the Triton interpreter.
-        vmax_end = tl.where(amsgrad, end, start)
-        master_end = tl.where(has_master, end, start)
-        param_load_end = tl.where(has_master, start, end)
-        for off in range(start, end, BLOCK):
-            offs = off + tl.arange(0, BLOCK)
-            mask = offs < end
-            vmax_mask = offs < vmax_end
-            master_mask = offs < master_end
-            p = tl.load(param_ptr + offs, mask=offs < param_load_end).to(tl.float32)
-            p = tl.where(master_mask, tl.load(master_ptr + offs, mask=master_mask), p)
-            g = _prescale(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), grad_scale, clip_coef, HAS_SCALE,
-                          HAS_CLIP)
-            if HAS_SCALE or HAS_CLIP:  # the prescaled gradient is written back, as torch's fused kernels do
-                tl.store(grad_ptr + offs, _to_param_dtype(g, PARAM_DTYPE), mask=mask)
-            m = tl.load(exp_avg_ptr + offs, mask=mask)
-            v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
-            vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask)
-
-            # adam_element, operation for operation.
-            g = g * grad_sign
-            p = tl.where(decoupled, p * decay, p)
-            g = tl.where(l2, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
-            m = tl.where(lerp_small, tl.fma(lerp_weight, g - m, m), tl.fma(lerp_weight_minus_one, g - m, g))
-            v = v * beta2_f
-            v = v + one_minus_beta2 * g * g
-            vmax = tl.where((vmax != vmax) | (vmax > v), vmax, v)  # torch.maximum propagates NaN
-            second = tl.where(amsgrad, vmax, v)
-            denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
-            p = p + tl.div_rn(neg_step_size * m, denom)
-
-            _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, stochastic, key, PARAM_DTYPE)
-            tl.store(exp_avg_ptr + offs, m, mask=mask)
-            tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
-            tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=vmax_mask)
+        # Full blocks of a chunk whose tensors all start 16-byte aligned take the vector path (no masks but the
+        # optional states' uniform ones, alignment hints: 128-bit loads and stores); the rest (a partial last block,
+        # a misaligned tensor) the masked scalar path.
+        aligned = ((tl.load(entry + 0) | tl.load(entry + 1) | tl.load(entry + 2) | tl.load(entry + 3)
+                    | tl.load(entry + 4) | master_address) & 15) == 0
+        full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
+        for off in range(start, full_end, BLOCK):
+            off = tl.multiple_of(off, BLOCK)
+            _adam_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(exp_avg_ptr, 16),
+                        tl.multiple_of(exp_avg_sq_ptr, 16), tl.multiple_of(max_exp_avg_sq_ptr, 16),
+                        tl.multiple_of(master_ptr, 16), off, end, amsgrad, has_master, grad_scale, clip_coef,
+                        grad_sign, decoupled, decay, l2, weight_decay, lerp_small, lerp_weight,
+                        lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps, neg_step_size, stochastic, key,
+                        PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, True)
+        for off in range(full_end, end, BLOCK):
+            _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, off, end,
+                        amsgrad, has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2, weight_decay,
+                        lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
+                        neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
 
     _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, True, ROW_BLOCK)
+
+
+@triton.jit
+def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has_momentum, has_master, fresh,
+               grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov,
+               neg_lr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_CLIP: tl.constexpr, FULL: tl.constexpr):
+    """sgd_element over the BLOCK elements at `off` (FULL: as in _adam_block)."""
+    offs, mask, master_mask, p, g = _block_inputs(param_ptr, grad_ptr, master_ptr, off, end, has_master, grad_scale,
+                                                  clip_coef, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, FULL)
+    buf_write_mask = _state_mask(has_momentum, offs, off, end, BLOCK, FULL)
+    buf = tl.load(buf_ptr + offs, mask=_state_mask(read_buf, offs, off, end, BLOCK, FULL))
+
+    # sgd_element, operation for operation.
+    g = g * grad_sign
+    g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
+    buf = tl.where(fresh, g, tl.fma(g, one_minus_dampening, buf * momentum_f))
+    g = tl.where(has_momentum, tl.where(nesterov, tl.fma(buf, momentum_f, g), buf), g)
+    p = tl.fma(g, neg_lr, p)  # param.add_(grad, alpha=-lr)
+
+    _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, False, tl.full([], 0, tl.uint32), PARAM_DTYPE)
+    tl.store(buf_ptr + offs, buf, mask=buf_write_mask)
 
 
 @triton.jit
@@ -362,25 +443,24 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         row = tl.load(chunks_ptr + 2 * c)
         start = tl.load(chunks_ptr + 2 * c + 1)
         entry = table_ptr + row * _W
+        group = tl.load(entry + 7)
+        h = hyper_ptr + group * 8
+        # sgd_coeffs, the schedule first (as in adam_kernel).
+        lr = tl.load(h + 0)
+        momentum = tl.load(h + 5)
+        if HAS_SCHEDULE:
+            lr, momentum = _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group,
+                                      tl.load(h + 7).to(tl.int32))
+        wd = tl.load(h + 4)
         param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
         buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
         fresh_flag = tl.load(entry + 5)
         fresh = fresh_flag != 0
         numel = tl.load(entry + 6)
-        group = tl.load(entry + 7)
         master_address = tl.load(entry + 8)
         master_ptr = master_address.to(tl.pointer_type(tl.float32))
         has_master = master_address != 0
-        h = hyper_ptr + group * 8
-
-        # sgd_coeffs
-        lr = tl.load(h + 0)
-        wd = tl.load(h + 4)
-        momentum = tl.load(h + 5)
-        if HAS_SCHEDULE:
-            lr, momentum = _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group,
-                                      tl.load(h + 7).to(tl.int32))
         flags = tl.load(h + 7).to(tl.int32)
         neg_lr = (lr * -1.0).to(tl.float32)
         weight_decay = wd.to(tl.float32)
@@ -392,33 +472,20 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         has_momentum = momentum != 0.0
 
         end = tl.minimum(start + CHUNK, numel)
-        # The buffer is read unless it is fresh, written whenever there is momentum (mask ends as in adam_kernel).
-        buf_read_end = tl.where(has_momentum & (fresh_flag == 0), end, start)
-        buf_write_end = tl.where(has_momentum, end, start)
-        master_end = tl.where(has_master, end, start)
-        param_load_end = tl.where(has_master, start, end)
-        for off in range(start, end, BLOCK):
-            offs = off + tl.arange(0, BLOCK)
-            mask = offs < end
-            master_mask = offs < master_end
-            p = tl.load(param_ptr + offs, mask=offs < param_load_end).to(tl.float32)
-            p = tl.where(master_mask, tl.load(master_ptr + offs, mask=master_mask), p)
-            g = _prescale(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), grad_scale, clip_coef, HAS_SCALE,
-                          HAS_CLIP)
-            if HAS_SCALE or HAS_CLIP:  # the prescaled gradient is written back, as torch's fused kernels do
-                tl.store(grad_ptr + offs, _to_param_dtype(g, PARAM_DTYPE), mask=mask)
-            buf = tl.load(buf_ptr + offs, mask=offs < buf_read_end)
-
-            # sgd_element, operation for operation.
-            g = g * grad_sign
-            g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
-            buf = tl.where(fresh, g, tl.fma(g, one_minus_dampening, buf * momentum_f))
-            g = tl.where(has_momentum, tl.where(nesterov, tl.fma(buf, momentum_f, g), buf), g)
-            p = tl.fma(g, neg_lr, p)  # param.add_(grad, alpha=-lr)
-
-            _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, False, tl.full([], 0, tl.uint32),
-                         PARAM_DTYPE)
-            tl.store(buf_ptr + offs, buf, mask=offs < buf_write_end)
+        read_buf = has_momentum & (fresh_flag == 0)  # the buffer is read unless fresh, written with momentum
+        # Vector path for the full blocks of aligned tensors, as in adam_kernel.
+        aligned = ((tl.load(entry + 0) | tl.load(entry + 1) | tl.load(entry + 2) | master_address) & 15) == 0
+        full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
+        for off in range(start, full_end, BLOCK):
+            off = tl.multiple_of(off, BLOCK)
+            _sgd_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(buf_ptr, 16),
+                       tl.multiple_of(master_ptr, 16), off, end, read_buf, has_momentum, has_master, fresh,
+                       grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
+                       nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, True)
+        for off in range(full_end, end, BLOCK):
+            _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has_momentum, has_master, fresh,
+                       grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
+                       nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
 
     _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, False, ROW_BLOCK)
 
@@ -472,8 +539,13 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
     if step_advance is None:
         step_advance = torch.empty(1, dtype=torch.float64, device=hyper.device)
     # At least one program even without chunks (a bucket of empty tensors): the steps must still advance.
-    grid = (max(1, min(num_programs, n_chunks)),)
-    kernel[grid](
+    grid = max(1, min(num_programs, n_chunks))
+    specialization = (kernel.fn.__name__, param_dtype, schedule is None, grad_scale is None, found_inf is None,
+                      clip_coef is None, BLOCK, CHUNK, num_warps, hyper.device)
+    cap = _RESIDENT_PROGRAMS.get(specialization)
+    if cap is not None:
+        grid = min(grid, cap)
+    compiled = kernel[(grid,)](
         table, chunks, hyper, counter, n_rows, n_chunks,
         schedule, 0 if schedule is None else schedule.shape[1], schedule_step,
         grad_scale, found_inf, clip_coef, step_advance, *_seed_halves(sr_seed),
@@ -484,6 +556,35 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
         # optim_math.h rounds a multiply-add once only where it says so (the tl.fma calls); no other may fuse.
         enable_fp_fusion=False,
     )
+    if cap is None and hyper.device.type == "cuda":
+        _RESIDENT_PROGRAMS[specialization] = resident_programs(compiled, hyper.device)
+
+
+#: Persistent programs that a specialization's compiled kernel keeps resident on the whole device, by
+#: (kernel, dtype, optional inputs, BLOCK, CHUNK, num_warps, device): found at its first launch.
+_RESIDENT_PROGRAMS: dict = {}
+
+
+def programs_per_sm(regs: int, num_warps: int, shared: int, regs_per_sm: int = 65536, max_warps: int = 64,
+                    shared_per_sm: int = 227 * 1024, max_blocks: int = 32) -> int:
+    """Programs of `num_warps` warps that fit on one SM at once: registers (allocated per warp in units of 256),
+    warps, shared memory, block slots (bench/kernel_resources.py tabulates it per kernel)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = regs_per_sm // max(1, per_warp * num_warps)
+    by_shared = shared_per_sm // shared if shared else max_blocks
+    return max(1, min(by_regs, max_warps // num_warps, by_shared, max_blocks))
+
+
+def resident_programs(compiled, device: torch.device) -> int:
+    """The persistent grid for a compiled kernel on `device`: the programs that fit on every SM at once. A
+    launcher's request beyond it (4 per SM) would only queue a second wave of programs, which start late and
+    finish their round-robin chunks last."""
+    props = torch.cuda.get_device_properties(device)
+    fit = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+                          getattr(props, "regs_per_multiprocessor", 65536),
+                          props.max_threads_per_multi_processor // 32,
+                          getattr(props, "shared_memory_per_multiprocessor", 227 * 1024))
+    return fit * props.multi_processor_count
 
 
 def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
