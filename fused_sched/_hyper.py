@@ -46,6 +46,18 @@ def is_device_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type != "cpu"
 
 
+def device_tensors(group: dict) -> list:
+    """(column, tensor) of the hyper-parameters besides lr that a group holds in accelerator tensors (their row
+    holds 0.0; FusedOptimizer._device_values copies them in on the device): Adam's betas, the weight decay."""
+    out = []
+    betas = group.get("betas")
+    if betas is not None:
+        out += [(column, beta) for column, beta in ((BETA1, betas[0]), (BETA2, betas[1])) if is_device_tensor(beta)]
+    if is_device_tensor(group.get("weight_decay")):
+        out.append((WEIGHT_DECAY, group["weight_decay"]))
+    return out
+
+
 def same_lr(a, b) -> bool:
     """A hyper-parameter compared with the value a scheduler left (floats, or the same tensor object; never a
     device read)."""

@@ -371,3 +371,31 @@ def test_cuda_backend_equals_triton_backend_on_the_gpu(name, dtype, cuda_backend
         else:  # float32 results on either side of a bfloat16 rounding boundary: one bfloat16 ulp at most
             ulp = torch.finfo(dtype).eps * x.abs().clamp_min(torch.finfo(dtype).tiny)
             assert ((x - y).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_tensor_betas_and_weight_decay_match_torch(backend):
+    """Hyper-parameters held in CUDA tensors are copied into the table on the device at every step (the row holds
+    0.0 for them: reading them on the host would synchronize), so they are used, and changed in place, as torch's
+    capturable AdamW uses them."""
+    base = make_params(SHAPES, device="cuda")
+    ours, theirs = clone_leaves(base), clone_leaves(base)
+
+    def hyper():
+        return {"lr": torch.tensor(1e-2, device="cuda"), "weight_decay": 0.1,
+                "betas": (torch.tensor(0.8, device="cuda"), torch.tensor(0.95, device="cuda"))}
+
+    ours_hyper, theirs_hyper = hyper(), hyper()
+    opt = fused_sched.AdamW(ours, **ours_hyper, capturable=True, backend=backend)
+    ref = torch.optim.AdamW(theirs, **theirs_hyper, capturable=True, foreach=False)
+    for step in range(10):
+        if step == 5:
+            for h in (ours_hyper, theirs_hyper):
+                h["betas"][0].fill_(0.5)
+        grads = draw_grads(base, step)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)

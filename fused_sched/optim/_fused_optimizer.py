@@ -498,13 +498,17 @@ class FusedOptimizer(Optimizer):
         return out[0], {device: out[1:2]}
 
     def _device_values(self, table: torch.Tensor) -> None:
-        """Copy the learning rates held in tensors into `table` with tensor operations: on an accelerator
-        device-to-device, no sync, and captured by a CUDA graph like the kernel (torch's fused optimizers read a
-        tensor lr the same way); under torch.compile a traced copy, so a changing lr never recompiles."""
+        """Copy the learning rates held in tensors, and the betas / weight decays held in accelerator tensors (whose
+        row holds 0.0: reading them on the host would synchronize), into `table` with tensor operations: on an
+        accelerator device-to-device, no sync, and captured by a CUDA graph like the kernel (torch's fused
+        optimizers read tensor hyper-parameters the same way); under torch.compile a traced copy, so a changing lr
+        never recompiles."""
         for g, group in enumerate(self.param_groups):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 table[g, _hyper.LR].copy_(lr.reshape(()), non_blocking=True)
+            for column, value in _hyper.device_tensors(group):
+                table[g, column].copy_(value.reshape(()), non_blocking=True)
 
     # -- plan ----------------------------------------------------------------------------------------------
     def _current_rows(self) -> list:
