@@ -31,6 +31,7 @@ from torch.optim.swa_utils import SWALR
 import fused_sched
 from fused_sched import backends
 from fused_sched import lr_scheduler as F
+from optim_reference import ATOL
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -456,7 +457,7 @@ def test_momentum_written_by_hand_is_used_by_the_next_step(opt_name, backend):
     ref = _momentum_run(opt_name, backend, False)
     # Step 3 uses 0.2: without it the trajectories part there by far more than the parity tolerance.
     for t, (a, b) in enumerate(zip(ours, ref, strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {t}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=ATOL, msg=f"step {t}")
 
 
 @pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
@@ -466,7 +467,7 @@ def test_cycled_momentum_outside_its_range_does_not_raise_at_step(opt_name):
     ours = _momentum_run(opt_name, "cpu", True, max_momentum=1.5)
     ref = _momentum_run(opt_name, "cpu", False, max_momentum=1.5)
     for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=ATOL)
 
 
 # -- torch's error cases (OptimizerInfo database) ----------------------------------------------------------------
@@ -548,8 +549,9 @@ def test_torch_configurations_match_torch(name, index):
         ref = run(getattr(torch.optim, name), foreach=False)
         ours = run(getattr(fused_sched, name))
     for a, b in zip(ours, ref, strict=True):
-        # The project's parity tolerance for float32 (tests/optim_reference.py): a few ulps of reordered rounding.
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # The project's parity tolerance for float32 (tests/optim_reference.py ATOL): a few ulps of reordered
+        # rounding.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=ATOL)
 
 
 # -- strided views ---------------------------------------------------------------------------------------------
@@ -581,7 +583,7 @@ def test_strided_view_params_are_updated_like_torch(opt_name, kwargs, backend):
         runs.append((storage, [p.detach().clone() for p in (*params, dense)]))
     (ours_storage, ours), (ref_storage, ref) = runs
     for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=ATOL)
     # The elements the views skip are untouched, as in torch.
     mask = torch.ones_like(base, dtype=torch.bool)
     for v in views:
@@ -604,7 +606,7 @@ def test_strided_view_param_under_torch_compile():
         p.grad, q.grad = g.clone(), g.clone()
         step()
         ref.step()
-    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=ATOL)
     assert torch.equal(base[:, 1::2], twin[:, 1::2])
 
 
