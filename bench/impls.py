@@ -13,7 +13,7 @@ with warmup (100 warmup steps of 10000), and its timed phase is ``opt.step(); sc
   (the schedule runs inside the update kernel from a device step counter).
 
 If transformers is not installed, the torch rows use a torch LambdaLR with transformers' cosine lambda
-(``fused_sched.hf_schedules._cosine_factor``, the same function), and the record says so.
+(``fused_sched.hf_schedules._factors._cosine_factor``, the same function), and the record says so.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def hf_cosine(opt, warmup: int = WARMUP_STEPS, total: int = TRAINING_STEPS):
     except ImportError:
         from torch.optim.lr_scheduler import LambdaLR
 
-        from fused_sched.hf_schedules import _cosine_factor
+        from fused_sched.hf_schedules._factors import _cosine_factor
 
         lam = partial(_cosine_factor, num_warmup_steps=warmup, num_training_steps=total, num_cycles=0.5)
         return LambdaLR(opt, lam)
