@@ -38,6 +38,7 @@ import torch._dynamo
 
 from .. import backends
 from . import _fused_optimizer as _fo
+from . import _plan, _tensors
 
 
 def step(opt) -> None:
@@ -99,7 +100,7 @@ def gather(opt, relayout: tuple, with_state: bool = True) -> list[dict] | None:
                 with_grad.append((index, master_group, p, param_id))
             param_id += 1
     for _, _, p, _ in with_grad:
-        if _fo._is_dtensor(p) or _fo._is_dtensor(p.grad):
+        if _tensors._is_dtensor(p) or _tensors._is_dtensor(p.grad):
             return None
     resolved = {}
     for _, _, p, _ in with_grad:
@@ -126,7 +127,7 @@ def gather(opt, relayout: tuple, with_state: bool = True) -> list[dict] | None:
                 "group_index": [], "param_ids": [], "master": [], "standins": [],
             }
             buckets.append(bucket)
-        if not _fo._dense(p):
+        if not _tensors._dense(p):
             # Elements not dense in memory (a view that skips some): the kernels update a dense copy, written back
             # after the launch (FusedOptimizer's _Bucket.standins).
             dense = p.contiguous()
@@ -157,7 +158,7 @@ def gather(opt, relayout: tuple, with_state: bool = True) -> list[dict] | None:
         bucket["states"] = states
         bucket["steps"] = [state["step"] for state in param_states] if opt._has_step else []
         if any(bucket["master"]):
-            bucket["masters"] = [state[_fo.MASTER_KEY] if m else _empty(device)
+            bucket["masters"] = [state[_plan.MASTER_KEY] if m else _empty(device)
                                  for state, m in zip(param_states, bucket["master"], strict=True)]
         else:
             bucket["masters"] = None
@@ -231,7 +232,7 @@ def _prepare_or_raise(opt, with_state: bool) -> tuple:
         opt._slots["states"] = [opt.state.get(p) for p in params]
     opt._slots["fresh"] = tuple(sorted(fresh))
     return tuple(param_ids[id(p)] for _, p in with_grad
-                 if _fo._local(p.grad).stride() != _fo._walked_strides(_fo._local(p)))
+                 if _tensors._local(p.grad).stride() != _tensors._walked_strides(_tensors._local(p)))
 
 
 def clip_pass(buckets: list[dict], max_norm: float, norm_type: float, grad_scale):
@@ -244,7 +245,7 @@ def clip_pass(buckets: list[dict], max_norm: float, norm_type: float, grad_scale
         raise ValueError("fused gradient clipping needs every parameter with a gradient on one device; got "
                          f"{sorted(map(str, devices))}")
     device = devices[0]
-    scale = _fo._on(grad_scale, device)
+    scale = _tensors._on(grad_scale, device)
     grads = [g for bucket in buckets for g in bucket["grads"]]
     sizes = [len(bucket["grads"]) for bucket in buckets]
     if buckets[0]["backend"] == "triton":  # one device, so one backend
@@ -278,4 +279,4 @@ eager_clip = torch.compiler.disable(_eager_clip, reason=_REASON)
 
 # Resolved now, not first while Dynamo traces: _prepare (run eagerly during a trace) would resolve it between two
 # analysis passes of one frame, and Dynamo requires a restarted pass to take the path of the first.
-_fo._dtensor_class()
+_tensors._dtensor_class()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from .. import _hyper
-from ._fused_optimizer import FusedOptimizer, _Bucket, _traced_tensor
+from ._fused_optimizer import FusedOptimizer
+from ._plan import _Bucket
+from ._tensors import _traced_tensor
 
 _ALGORITHM = r"""
     .. math::
