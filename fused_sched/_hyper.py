@@ -69,30 +69,3 @@ def same_lr(a, b) -> bool:
 def momentum_of(group: dict):
     """The value a schedule's momentum target drives in a param group: Adam's beta1, SGD's momentum."""
     return group["betas"][0] if "betas" in group else group.get("momentum")
-
-
-def adam_row(group: dict) -> tuple:
-    beta1, beta2 = group["betas"]
-    flags = (
-        (AMSGRAD if group["amsgrad"] else 0)
-        | (MAXIMIZE if group["maximize"] else 0)
-        | (DECOUPLED_WEIGHT_DECAY if group["decoupled_weight_decay"] else 0)
-        | (STOCHASTIC_ROUNDING if group.get("stochastic_rounding") else 0)
-        | (MASTER_WEIGHTS if group.get("master_weights") else 0)
-    )
-    return (
-        lr_scalar(group["lr"]), scalar(beta1), scalar(beta2), float(group["eps"]), scalar(group["weight_decay"]),
-        0.0, 0.0, float(flags),
-    )
-
-
-def sgd_row(group: dict) -> tuple:
-    flags = (
-        (MAXIMIZE if group["maximize"] else 0)
-        | (NESTEROV if group["nesterov"] else 0)
-        | (MASTER_WEIGHTS if group.get("master_weights") else 0)
-    )
-    return (
-        lr_scalar(group["lr"]), 0.0, 0.0, 0.0, scalar(group["weight_decay"]), float(group["momentum"]),
-        float(group["dampening"]), float(flags),
-    )

@@ -65,6 +65,22 @@ def _validate_precision_options(group: dict) -> None:
                          "parameter is rounded to nearest from it")
 
 
+def adam_row(group: dict) -> tuple:
+    """A param group's row of the hyper table (fused_sched/_hyper.py, optim_math.h HyperColumn)."""
+    beta1, beta2 = group["betas"]
+    flags = (
+        (_hyper.AMSGRAD if group["amsgrad"] else 0)
+        | (_hyper.MAXIMIZE if group["maximize"] else 0)
+        | (_hyper.DECOUPLED_WEIGHT_DECAY if group["decoupled_weight_decay"] else 0)
+        | (_hyper.STOCHASTIC_ROUNDING if group.get("stochastic_rounding") else 0)
+        | (_hyper.MASTER_WEIGHTS if group.get("master_weights") else 0)
+    )
+    return (
+        _hyper.lr_scalar(group["lr"]), _hyper.scalar(beta1), _hyper.scalar(beta2), float(group["eps"]),
+        _hyper.scalar(group["weight_decay"]), 0.0, 0.0, float(flags),
+    )
+
+
 class Adam(FusedOptimizer):
     __doc__ = (
         "Adam (Kingma & Ba) with L2 weight decay added to the gradient, as torch.optim.Adam; "
@@ -170,7 +186,7 @@ class Adam(FusedOptimizer):
         _validate_precision_options(group)
 
     def _row(self, group: dict) -> tuple:
-        return _hyper.adam_row(group)
+        return adam_row(group)
 
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
         return (True, True, bool(group["amsgrad"]))

@@ -10,6 +10,19 @@ from ._plan import _Bucket
 from ._tensors import _traced_tensor
 
 
+def sgd_row(group: dict) -> tuple:
+    """A param group's row of the hyper table (fused_sched/_hyper.py, optim_math.h HyperColumn)."""
+    flags = (
+        (_hyper.MAXIMIZE if group["maximize"] else 0)
+        | (_hyper.NESTEROV if group["nesterov"] else 0)
+        | (_hyper.MASTER_WEIGHTS if group.get("master_weights") else 0)
+    )
+    return (
+        _hyper.lr_scalar(group["lr"]), 0.0, 0.0, 0.0, _hyper.scalar(group["weight_decay"]), float(group["momentum"]),
+        float(group["dampening"]), float(flags),
+    )
+
+
 class SGD(FusedOptimizer):
     r"""Stochastic gradient descent with optional momentum, dampening, Nesterov momentum and weight decay, as
     torch.optim.SGD.
@@ -114,7 +127,7 @@ class SGD(FusedOptimizer):
                              "from); use master_weights=True")
 
     def _row(self, group: dict) -> tuple:
-        return _hyper.sgd_row(group)
+        return sgd_row(group)
 
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
         return (group["momentum"] != 0,)
