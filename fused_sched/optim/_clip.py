@@ -63,6 +63,11 @@ class ClipMixin:
             slots["pending"] = clip
             slots["norm"] = total
             return total
+        return self._clip_grad_norm_eagerly(max_norm, norm_type, error_if_nonfinite)
+
+    def _clip_grad_norm_eagerly(self, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
+        """clip_grad_norm_'s body outside torch.compile, its arguments checked (and the compiled clip's fallback,
+        _compiled.eager_clip)."""
         self._current_rows()
         plan = self._plan
         if plan is None or not plan.current():

@@ -37,7 +37,6 @@ import torch
 import torch._dynamo
 
 from .. import backends
-from . import _fused_optimizer as _fo
 from . import _plan, _tensors
 
 
@@ -260,13 +259,12 @@ def _empty(device: torch.device) -> torch.Tensor:
 
 
 def _eager_step(opt) -> None:
-    # Inside torch.compiler.disable: is_compiling() is False, so FusedOptimizer.step takes the eager path (called
-    # on the class: the optimizer hooks of the patched step already ran around the compiled call).
-    _fo.FusedOptimizer.step(opt)
+    # Not opt.step(): the optimizer hooks of the patched step already ran around the compiled call.
+    opt._step_eagerly()
 
 
 def _eager_clip(opt, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
-    return _fo.FusedOptimizer.clip_grad_norm_(opt, max_norm, norm_type, error_if_nonfinite)
+    return opt._clip_grad_norm_eagerly(max_norm, norm_type, error_if_nonfinite)
 
 
 # This module is imported only while Dynamo traces (FusedOptimizer.step imports it then), so torch.compiler.disable

@@ -215,7 +215,12 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
             from . import _compiled
 
             _compiled.step(self)
-            return loss
+        else:
+            self._step_eagerly()
+        return loss
+
+    def _step_eagerly(self) -> None:
+        """step()'s body outside torch.compile (and the compiled step's fallback, _compiled.eager_step)."""
         rows = self._current_rows()
         plan = self._plan
         if plan is None or not plan.current():
@@ -242,7 +247,6 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
                 bucket.return_local_grads()
             if bucket.standins:
                 bucket.return_standins()
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim.Optimizer.zero_grad; also drops a pending clip_grad_norm_() coefficient, which belonged to
