@@ -6,7 +6,7 @@ launcher asks for.
     python -m bench.kernel_resources --check         # CI: triton 3.6 and 3.9 (installed into a cache folder)
     python -m bench.kernel_resources --triton 3.6.0 --triton 3.9.0 --arch 90
 
-Triton: every specialization the launchers (fused_sched/backends/triton_kernels.py, triton_schedule.py) can
+Triton: every specialization the launchers (fused_sched/backends/triton/) can
 produce, i.e. adam_kernel and sgd_kernel for 3 parameter dtypes x {schedule, GradScaler scale, found_inf, clip}
 (48 each), grad_norm_kernel for 3 dtypes x 4 norm kinds x {scale, finalize} (48) and the schedule evaluator:
 145 per architecture, compiled with ``triton.compile`` for a ``GPUTarget`` of sm_90 and sm_80, with the options
@@ -21,7 +21,7 @@ the stack frame; in the CUDA step kernels with a schedule, the frame of CUDA's d
 argument reduction keeps a local array for huge arguments: measured on a probe kernel and allowed),
 smem (bytes), ld / st (widest global load / store in bits: 128 is a 16-byte vector), fit (programs of this
 kernel that fit on one SM by registers, threads and shared memory) and asked (the launcher's programs per SM; the
-Triton launcher caps its grid at what fits, triton_kernels.resident_programs).
+Triton launcher caps its grid at what fits, triton/launch.py resident_programs).
 
 --check fails (exit 1) on what ``problems`` lists: a compile error; spills or stack use in any sm_90 kernel and
 any sm_80 step kernel, beyond libm's cos frame (CUDA) or a call frame of at most 8 bytes around the compiler's own
@@ -136,7 +136,7 @@ def read_cubin(path: str) -> dict[str, dict]:
 
 def fit(regs: int, smem: int, threads: int, arch: int) -> int:
     """Blocks of `threads` threads that fit on one SM: the formula the Triton launcher sizes its grid with."""
-    from fused_sched.backends.triton_kernels import programs_per_sm
+    from fused_sched.backends.triton.launch import programs_per_sm
 
     limits = SM_LIMITS[arch]
     return programs_per_sm(regs, (threads + 31) // 32, smem, limits["regs"], limits["warps"], limits["smem"],
@@ -149,10 +149,10 @@ def triton_specializations():
     launchers can make."""
     import triton.language as tl
 
-    from fused_sched.backends import triton_backend, triton_kernels
+    from fused_sched.backends.triton import launch, step_common
 
-    asked = triton_backend._PROGRAMS_PER_SM
-    warps = triton_kernels.DEFAULT_NUM_WARPS
+    asked = launch._PROGRAMS_PER_SM
+    warps = step_common.DEFAULT_NUM_WARPS
     dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
     specs = []
     for kernel, (dname, dtype), schedule, scale, found_inf, clip in itertools.product(
@@ -162,8 +162,8 @@ def triton_specializations():
                "n_rows": "i32", "n_chunks": "i32", "schedule_ptr": "*fp64", "segments": "i32",
                "schedule_step_ptr": "*fp64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
                "clip_coef_ptr": "*fp32", "step_advance_ptr": "*fp64", "seed_lo": "i32", "seed_hi": "i32"}
-        consts = {"PARAM_DTYPE": dtype, "BLOCK": triton_kernels.DEFAULT_BLOCK, "CHUNK": triton_kernels.DEFAULT_CHUNK,
-                  "ROW_BLOCK": triton_kernels._ROW_BLOCK, "HAS_SCHEDULE": schedule, "HAS_SCALE": scale,
+        consts = {"PARAM_DTYPE": dtype, "BLOCK": step_common.DEFAULT_BLOCK, "CHUNK": step_common.DEFAULT_CHUNK,
+                  "ROW_BLOCK": step_common._ROW_BLOCK, "HAS_SCHEDULE": schedule, "HAS_SCALE": scale,
                   "HAS_FOUND_INF": found_inf, "HAS_CLIP": clip}
         # An absent optional tensor is passed as None, which Triton specializes as a constexpr.
         for flag, names in ((schedule, ("schedule_ptr", "schedule_step_ptr")), (scale, ("grad_scale_ptr",)),
@@ -178,7 +178,7 @@ def triton_specializations():
         sig = {"table_ptr": "*i64", "chunks_ptr": "*i64", "partials_ptr": "*fp64", "slot_offset": "i32",
                "n_slots": "i32", "counter_ptr": "*i32", "out_ptr": "*fp32", "grad_scale_ptr": "*fp32",
                "n_chunks": "i32", "norm_type": "fp32", "max_norm": "fp32"}
-        consts = {"PARAM_DTYPE": dtype, "BLOCK": triton_kernels.DEFAULT_BLOCK, "CHUNK": triton_kernels.DEFAULT_CHUNK,
+        consts = {"PARAM_DTYPE": dtype, "BLOCK": step_common.DEFAULT_BLOCK, "CHUNK": step_common.DEFAULT_CHUNK,
                   "NORM": norm, "HAS_SCALE": scale, "FINALIZE": finalize, "SLOT_BLOCK": 256}
         if not scale:
             consts["grad_scale_ptr"] = None
@@ -190,9 +190,9 @@ def triton_specializations():
 
 
 def _kernel_fn(name):
-    from fused_sched.backends import triton_kernels, triton_schedule
+    from fused_sched.backends.triton import adam, grad_norm, schedule, sgd
 
-    return getattr(triton_kernels, name, None) or getattr(triton_schedule, name)
+    return next(getattr(m, name) for m in (adam, sgd, grad_norm, schedule) if hasattr(m, name))
 
 
 def _compile_one(job):
@@ -339,7 +339,7 @@ STEP_KERNELS = ("adam_kernel", "sgd_kernel")
 #: sm_90 / sm_80 with triton 3.6 and 3.9: 4-8 bytes of spill stores and an 8-byte stack in some Triton step
 #: kernels, each with CALL instructions in its SASS.
 CALL_FRAME_SPILL, CALL_FRAME_STACK = 8, 16
-#: Triton's launcher sizes its persistent grid by the programs that fit (triton_kernels.resident_programs): fewer
+#: Triton's launcher sizes its persistent grid by the programs that fit (triton/launch.py resident_programs): fewer
 #: than asked is no queueing, but fewer than this is a register blowup worth failing on.
 MIN_TRITON_FIT = 2
 

@@ -326,7 +326,7 @@ def test_triton_persistent_grid_is_sized_by_the_programs_that_fit(monkeypatch):
     registers allocated per warp in units of 256, 64K registers, 64 warps and the shared memory of an SM."""
     from types import SimpleNamespace
 
-    from fused_sched.backends import triton_kernels as kernels
+    from fused_sched.backends.triton import launch as kernels
 
     assert kernels.programs_per_sm(128, 4, 1024) == 4  # 128 x 32 x 4 = 16384 registers a program
     assert kernels.programs_per_sm(150, 4, 1024) == 3  # 150 -> 152 per thread: 19456 a program

@@ -521,14 +521,15 @@ def test_compiled_path_operators_pass_opcheck():
                           {"grad_scale": torch.tensor([4.0])}, test_utils=utils)
     if not fused_sched.backends.triton_importable():
         return
-    from fused_sched.backends import triton_backend
+    from fused_sched.backends.triton import adam as triton_adam
+    from fused_sched.backends.triton import sgd as triton_sgd
 
     torch.library.opcheck(torch.ops.fused_sched.triton_grad_norm_clip.default, (grads, [1, 1], 2.0, 0.5),
                           test_utils=utils)
     # The Triton ops take the C++ ops' schemas. With a grad_scale or a clip_coef the kernels write the prescaled
     # gradients back, which a schema must declare (grads mutable) for those inputs to be checked here.
-    adam_writes_grads = "grads" in triton_backend._ADAM_WRITES
-    sgd_writes_grads = "grads" in triton_backend._SGD_WRITES
+    adam_writes_grads = "grads" in triton_adam._ADAM_WRITES
+    sgd_writes_grads = "grads" in triton_sgd._SGD_WRITES
     q = torch.randn(64, generator=gen).bfloat16()
     master = q.float()
     hyper = torch.tensor([[1e-2, 0.9, 0.999, 1e-8, 0.1, 0.0, 0.0, 8.0]], dtype=torch.float64)

@@ -220,7 +220,7 @@ def test_kernel_lr_matches_torch(name):
         assert pair.off_by_one_ulp == []
 
 
-# The Triton backend evaluates the same programs in its own float64 code (fused_sched/backends/triton_schedule.py);
+# The Triton backend evaluates the same programs in its own float64 code (fused_sched/backends/triton/schedule.py);
 # under the interpreter a step costs tens of milliseconds, so a few cases and fewer steps. The CUDA kernels include
 # schedule_math.h as the CPU kernels do; these CPU-tensor tests run their host build (conftest.py), so they check
 # the CUDA kernels' use of the programs, not CUDA's device cos / pow (tests/test_gpu.py does, on a GPU).

@@ -1,10 +1,10 @@
-"""Device schedule programs in Triton (fused_sched/backends/triton_schedule.py): the evaluation against the C++ op
+"""Device schedule programs in Triton (fused_sched/backends/triton/schedule.py): the evaluation against the C++ op
 (schedule_math.h) and the Python mirror (_schedule_program.evaluate_reference), and the scheduled Triton update
 kernels against the CPU op. Without a GPU these run on CPU tensors under the Triton interpreter
 (TRITON_INTERPRET=1, set by conftest.py); with one, the Triton side runs on CUDA tensors.
 
 The C++ and Python evaluations call libm's cos and pow, the Triton one computes them correctly rounded (see
-triton_schedule.py); glibc misrounds about 2 in 1000, so the three may differ by one float64 ulp, practically never
+triton/libm.py); glibc misrounds about 2 in 1000, so the three may differ by one float64 ulp, practically never
 in the float32 value a kernel uses.
 """
 
@@ -21,7 +21,11 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402  (after the skip)
 
-from fused_sched.backends import triton_kernels, triton_schedule  # noqa: E402
+from fused_sched.backends import device_tables  # noqa: E402
+from fused_sched.backends.triton import adam as triton_adam  # noqa: E402
+from fused_sched.backends.triton import libm as triton_libm  # noqa: E402
+from fused_sched.backends.triton import schedule as triton_schedule  # noqa: E402
+from fused_sched.backends.triton import sgd as triton_sgd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -180,9 +184,9 @@ def _libm_kernel(x_ptr, y_ptr, out_ptr, POW: tl.constexpr):
     i = tl.program_id(0)
     x = tl.load(x_ptr + i)
     if POW:
-        tl.store(out_ptr + i, triton_schedule._pow(x, tl.load(y_ptr + i)))
+        tl.store(out_ptr + i, triton_libm._pow(x, tl.load(y_ptr + i)))
     else:
-        tl.store(out_ptr + i, triton_schedule._cos(x))
+        tl.store(out_ptr + i, triton_libm._cos(x))
 
 
 @pytest.mark.parametrize("which", ["cos", "pow"])
@@ -268,7 +272,7 @@ def test_scheduled_adam_matches_cpu_op(dtype):
            [torch.tensor(3.0) for _ in SIZES]]
     ours = [[t.clone().to(DEVICE) for t in ts] for ts in ref]
     table = _addresses(ours[0], ours[0], ours[1:4], [s.data_ptr() for s in ours[4]])
-    chunks = triton_kernels.build_chunks([p.numel() for p in ours[0]], CHUNK).to(DEVICE)
+    chunks = device_tables.build_chunks([p.numel() for p in ours[0]], CHUNK).to(DEVICE)
     counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     schedule = sp.pack(ADAM_PROGRAMS)
     for t in T_STEPS:
@@ -278,7 +282,7 @@ def test_scheduled_adam_matches_cpu_op(dtype):
         step = torch.tensor([t], dtype=torch.float64)
         torch.ops.fused_sched.adam_step_(ref[0], grads, *ref[1:], hyper, GROUP_OF, schedule=schedule,
                                          schedule_step=step)
-        triton_kernels.launch_adam(table, chunks, hyper.to(DEVICE), counter, dtype, 3, schedule=schedule.to(DEVICE),
+        triton_adam.launch_adam(table, chunks, hyper.to(DEVICE), counter, dtype, 3, schedule=schedule.to(DEVICE),
                                    schedule_step=step.to(DEVICE), BLOCK=BLOCK, CHUNK=CHUNK)
     for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"), ref, ours, strict=True):
         for x, y in zip(a, b, strict=True):
@@ -296,7 +300,7 @@ def test_scheduled_sgd_matches_cpu_op(dtype):
     params = [t.clone().to(DEVICE) for t in ref_params]
     bufs = [t.clone().to(DEVICE) for t in ref_bufs]
     table = _addresses(params, params, [bufs, [None] * len(SIZES), [None] * len(SIZES)], [1] * len(SIZES))
-    chunks = triton_kernels.build_chunks([p.numel() for p in params], CHUNK).to(DEVICE)
+    chunks = device_tables.build_chunks([p.numel() for p in params], CHUNK).to(DEVICE)
     counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     schedule = sp.pack(SGD_PROGRAMS)
     for k, t in enumerate(T_STEPS):
@@ -307,7 +311,7 @@ def test_scheduled_sgd_matches_cpu_op(dtype):
         fresh = [1 if k == 0 else 0] * len(SIZES)
         torch.ops.fused_sched.sgd_step_(ref_params, grads, ref_bufs, hyper, GROUP_OF, fresh, schedule=schedule,
                                         schedule_step=step)
-        triton_kernels.launch_sgd(table, chunks, hyper.to(DEVICE), counter, dtype, 3, schedule=schedule.to(DEVICE),
+        triton_sgd.launch_sgd(table, chunks, hyper.to(DEVICE), counter, dtype, 3, schedule=schedule.to(DEVICE),
                                   schedule_step=step.to(DEVICE), BLOCK=BLOCK, CHUNK=CHUNK)
     for x, y in zip(ref_params + ref_bufs, params + bufs, strict=True):
         assert torch.equal(y.cpu(), x)
@@ -324,7 +328,7 @@ def test_launch_checks_the_schedule():
     for schedule, schedule_step in ((good, None), (good[:1], step), (good.float(), step), (good, step.float()),
                                     (strided, step)):
         with pytest.raises(ValueError):
-            triton_kernels.launch_sgd(table, chunks, hyper, counter, torch.float32, 1, schedule=schedule,
+            triton_sgd.launch_sgd(table, chunks, hyper, counter, torch.float32, 1, schedule=schedule,
                                       schedule_step=schedule_step)
 
 
@@ -350,8 +354,8 @@ def test_lr_from_table_flag_overrides_the_program_on_every_backend():
             rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, s.data_ptr(), p.numel(), k, 0, k]
                     for k, (p, g, m, v, s) in enumerate(zip(params, grads, *moments, steps, strict=True))]
             table = torch.tensor(rows, dtype=torch.int64, device=device)
-            chunks = triton_kernels.build_chunks([300, 5], CHUNK).to(device)
-            triton_kernels.launch_adam(table, chunks, hyper.to(device), torch.zeros(1, dtype=torch.int32,
+            chunks = device_tables.build_chunks([300, 5], CHUNK).to(device)
+            triton_adam.launch_adam(table, chunks, hyper.to(device), torch.zeros(1, dtype=torch.int32,
                                        device=device), torch.float32, 3, schedule=schedule.to(device),
                                        schedule_step=step.to(device), BLOCK=BLOCK, CHUNK=CHUNK)
         params = [p.cpu() for p in params]

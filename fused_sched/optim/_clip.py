@@ -123,7 +123,7 @@ class ClipMixin:
                 return out[0], {device: out[1:2]}
             accumulated = torch.tensor([accumulated], dtype=torch.float64, device=device)
         else:
-            # One device, so one backend: its runners' norm pass (triton_backend / cuda_backend).
+            # One device, so one backend: its runners' norm pass (backends/triton/runner.py / cuda_backend.py).
             norm_pass = type(plan.buckets[0].runner).norm_pass
             pairs = [(b.native, b.runner) for b in plan.buckets]
             if not groups:

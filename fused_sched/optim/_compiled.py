@@ -12,7 +12,7 @@ call into them would be a graph break, with the update running outside the graph
   (Dynamo runs this Python once and guards on what it read) and makes one operator call per bucket with the
   arguments the eager bucket would pass: ``torch.ops.fused_sched.adam_step_`` / ``sgd_step_`` (C++: the CPU
   kernels for CPU tensors, the CUDA kernels for CUDA tensors with backend "cuda") or ``triton_adam_step_`` /
-  ``triton_sgd_step_`` (the Triton kernels, custom ops in backends/triton_backend.py); fake implementations let
+  ``triton_sgd_step_`` (the Triton kernels, custom ops in backends/triton/adam.py and sgd.py); fake implementations let
   Dynamo trace them without running them;
 * a fused clip's norm pass is one operator call over every bucket, ``fused_sched::grad_norm_clip`` (C++, CPU or
   CUDA) or ``fused_sched::triton_grad_norm_clip``, returning float32 [total_norm, clip_coef] computed as the eager
@@ -106,7 +106,7 @@ def gather(opt, relayout: tuple, with_state: bool = True) -> list[dict] | None:
         if p.device not in resolved:
             resolved[p.device] = backends.resolve(opt.backend, p.device)
     if "triton" in resolved.values():
-        from ..backends import triton_backend  # noqa: F401  (registers the Triton custom ops)
+        from ..backends.triton import runner  # noqa: F401  (registers the Triton custom ops)
     buckets = []
     by_key = {}
     for index, master_group, p, pid in with_grad:

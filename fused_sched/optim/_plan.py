@@ -195,7 +195,7 @@ class PlanMixin:
                 bucket.lend_local_grads()
             bucket.native = native.OptimBucket(locals_, states, steps, bucket.group_index, masters, ids)
             if bucket.backend == "triton":
-                from ..backends.triton_backend import TritonBucketRunner
+                from ..backends.triton.runner import TritonBucketRunner
 
                 bucket.runner = TritonBucketRunner(device, dtype, self._algorithm)
             elif bucket.backend == "cuda":

@@ -1,0 +1,51 @@
+"""The Triton backend: the launch on a bucket's device tables; the registered custom ops.
+
+Eager path (the optimizers): ``TritonBucketRunner`` keeps the bucket's address table, chunk map and ticket
+counter on the device (``device_tables.DeviceTables``: uploaded only when an address changes), and one launch
+updates the whole bucket.
+
+Registered ops: ``torch.ops.fused_sched.triton_adam_step_`` / ``triton_sgd_step_`` take the C++ ops' arguments
+(tensor lists, schedule, master weights, GradScaler and clipping inputs) and declare what they mutate, and
+``triton_grad_norm_clip`` runs a fused clip's norm pass: torch.compile treats them as opaque custom ops, and the
+optimizers' compiled step calls them (fused_sched/optim/_compiled.py). They build the tables on every call, so the
+eager step uses the runner instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..device_tables import DeviceTables, NormWorkspace
+from .adam import launch_adam
+from .grad_norm import launch_grad_norm
+from .launch import _launch_config
+from .sgd import launch_sgd
+
+
+class TritonBucketRunner(DeviceTables):
+    """One bucket's device tables and its Triton launch."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
+        super().__init__(device, dtype, algorithm)
+        self.launch = launch_adam if algorithm == "adam" else launch_sgd
+        self.config = None
+
+    def _configure(self, numels: list[int]) -> torch.Tensor:
+        self.config, chunks = _launch_config(self.device, numels)
+        return chunks
+
+    def _launch(self, hyper: torch.Tensor, **options) -> None:
+        """adam.launch_adam / sgd.launch_sgd."""
+        self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
+                    BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], **options)
+
+    def _norm_slots(self) -> int:
+        return max(1, min(self.config["num_programs"], self.chunks.shape[0]))
+
+    def _launch_norm(self, workspace: NormWorkspace, offset: int, out: torch.Tensor, norm_type: float,
+                     max_norm: float, finalize: bool, grad_scale: torch.Tensor | None) -> int:
+        """grad_norm.launch_grad_norm."""
+        return launch_grad_norm(
+            self.table, self.chunks, workspace.partials, offset, workspace.counter, out, self.dtype,
+            self.config["num_programs"], norm_type, max_norm, finalize=finalize, grad_scale=grad_scale,
+            BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"],
+        )
