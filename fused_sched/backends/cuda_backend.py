@@ -24,8 +24,25 @@ from .device_tables import DeviceTables, NormWorkspace, build_chunks
 CHUNK_ELEMENTS = 65536
 
 
+def _launch_adam(common: tuple, sr_seed: int) -> None:
+    torch.ops.fused_sched.cuda_adam_tables_(*common, sr_seed)
+
+
+def _launch_sgd(common: tuple, sr_seed: int) -> None:
+    torch.ops.fused_sched.cuda_sgd_tables_(*common)  # SGD never rounds stochastically
+
+
+#: The table operator of each optimizer family (FusedOptimizer._algorithm): one line per optimizer.
+LAUNCHERS = {
+    "adam": _launch_adam,
+    "sgd": _launch_sgd,
+}
+
+
 class CudaBucketRunner(DeviceTables):
     """One bucket's device tables and its CUDA kernel launch."""
+
+    algorithms = LAUNCHERS
 
     def _configure(self, numels: list[int]) -> torch.Tensor:
         return build_chunks(numels, CHUNK_ELEMENTS)
@@ -35,10 +52,7 @@ class CudaBucketRunner(DeviceTables):
         """csrc/cuda/optim_cuda.h launch_adam_tables / launch_sgd_tables."""
         common = (self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, schedule, schedule_step,
                   grad_scale, found_inf, clip_coef, step_advance)
-        if self.algorithm == "adam":
-            torch.ops.fused_sched.cuda_adam_tables_(*common, sr_seed)
-        else:  # SGD never rounds stochastically
-            torch.ops.fused_sched.cuda_sgd_tables_(*common)
+        LAUNCHERS[self.algorithm](common, sr_seed)
 
     def _norm_slots(self) -> int:
         # A launch uses min(n_chunks, blocks the device holds) slots, at least one: this bound needs no device query.

@@ -52,9 +52,12 @@ class DeviceTables:
     """The device tables of one bucket. Subclasses choose the chunk size (``_configure``) and launch the update
     kernel (``_launch``) and the norm kernel (``_norm_slots``, ``_launch_norm``)."""
 
+    #: The optimizer families (FusedOptimizer._algorithm) the subclass launches: its table of launchers.
+    algorithms: dict = {}
+
     def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
-        if algorithm not in ("adam", "sgd"):
-            raise ValueError(f"unknown algorithm {algorithm!r}")
+        if algorithm not in self.algorithms:
+            raise ValueError(f"unknown algorithm {algorithm!r}; {type(self).__name__} runs {sorted(self.algorithms)}")
         self.device = device
         self.dtype = dtype
         self.algorithm = algorithm

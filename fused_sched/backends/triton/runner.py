@@ -10,6 +10,7 @@ Registered ops: ``torch.ops.fused_sched.triton_adam_step_`` / ``triton_sgd_step_
 optimizers' compiled step calls them (fused_sched/optim/_compiled.py). They build the tables on every call, so the
 eager step uses the runner instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,13 +21,21 @@ from .grad_norm import launch_grad_norm
 from .launch import _launch_config
 from .sgd import launch_sgd
 
+#: The launcher of each optimizer family (FusedOptimizer._algorithm): one line per optimizer.
+LAUNCHERS = {
+    "adam": launch_adam,
+    "sgd": launch_sgd,
+}
+
 
 class TritonBucketRunner(DeviceTables):
     """One bucket's device tables and its Triton launch."""
 
+    algorithms = LAUNCHERS
+
     def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
         super().__init__(device, dtype, algorithm)
-        self.launch = launch_adam if algorithm == "adam" else launch_sgd
+        self.launch = LAUNCHERS[algorithm]
         self.config = None
 
     def _configure(self, numels: list[int]) -> torch.Tensor:
