@@ -60,4 +60,9 @@ __all__ = [
     "get_wsd_schedule",
 ]
 
-
+# The classes and factories are defined in submodules but belong to this module's public API: their __module__ says
+# so, as it did before the split (reprs, docs, and pickles of a scheduler object name the public path).
+for _name in __all__:
+    if callable(globals()[_name]):
+        globals()[_name].__module__ = __name__
+del _name

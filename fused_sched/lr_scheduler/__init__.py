@@ -59,4 +59,8 @@ __all__ = [
     "StepLR",
 ]
 
-
+# The classes are defined in the family modules but belong to this module's public API: their __module__ says so,
+# as it did before the split (reprs, docs, and pickles of a scheduler object name the public path).
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name
