@@ -22,10 +22,10 @@ import torch
 
 import fused_sched
 
+from .environment import environment
 from .measure import quantile, write_record
 from .measure import sync as _sync
 from .shapes import gpt2_124m, many_small
-from .suite import environment
 
 CASES = {
     "gpt2-124m": (gpt2_124m, torch.float32),

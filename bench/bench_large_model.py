@@ -34,11 +34,11 @@ import torch
 import fused_sched
 from fused_sched._extension import load_extension
 
+from .environment import environment
 from .impls import hf_cosine
 from .measure import quantile, write_record
 from .measure import sync as _sync
 from .shapes import gpt2_124m
-from .suite import environment
 
 LR = 1e-3
 MAX_NORM = 1.0

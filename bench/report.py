@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 #: metric keys every row of the JSON record carries (None where a metric does not apply or was not measured)
 ROW_KEYS = (
@@ -171,3 +175,27 @@ def chart(path: str, rows: list[dict], title: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def render(header: str, record: dict, device: torch.device) -> str:
+    from .e2e import format_e2e
+
+    parts = [header, ""]
+    if record["rows"]:
+        parts += [markdown_table(record["rows"]), "", legend(device.type), ""]
+    for note in record["notes"]:
+        parts.append(f"- {note}")
+    if record["skipped"]:
+        parts += ["", "Not measured:"]
+        groups: dict = {}
+        for s in record["skipped"]:
+            groups.setdefault((s["impl"], s["reason"]), []).append(s["case"])
+        parts += [f"- {', '.join(cases)}: {reason}" if impl == "(whole case)" else
+                  f"- {impl} ({', '.join(cases)}): {reason}" for (impl, reason), cases in groups.items()]
+    if record["targets"]:
+        parts += ["", "## Targets (issue 5; read from this run, not asserted)", "",
+                  targets_table(record["targets"])]
+    if record["e2e"]:
+        parts.append(format_e2e(record["e2e"]))
+    parts.append(f"\nsuite time {record['elapsed_s']:.0f} s")
+    return "\n".join(parts)

@@ -24,313 +24,41 @@ under the table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from . import measure, report
-from .impls import Impl, candidates, scheduler_source, state_bytes_per_param
-from .measure import TimeLimitExceeded, cpu_clock, element_size, sync, time_limit
-from .shapes import LLAMA_7B_LAYERS, gpt2_124m, llama_1b, llama_7b, many_small, tiny
-
-CASE_NAMES = ("gpt2-124m", "llama-1b", "many-small", "llama-7b-shard", "tiny")
-DEFAULT_CASES = ("gpt2-124m", "llama-1b", "many-small", "llama-7b-shard")
-MiB = 1 << 20
-
-
-@dataclass
-class Case:
-    name: str
-    label: str
-    shapes: list
-    dtype: torch.dtype
-    notes: list = field(default_factory=list)
-
-    @property
-    def numel(self) -> int:
-        return _numel(self.shapes)
-
-
-def _numel(shapes) -> int:
-    return sum(math.prod(s) for s in shapes)
-
-
-# -- memory planning ---------------------------------------------------------------------------------------------
-def memory_budget(device: torch.device) -> int:
-    """Bytes the suite allows itself: 85% of the free GPU memory, 80% of the available host memory."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.85)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 * 8 // 10
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def copy_buffer_bytes(case_bytes: int) -> int:
-    """Size of each of the copy ceiling's two buffers: half the step's traffic, clamped to [64 MiB, 1 GiB] (large
-    enough to stream from memory, past any cache; small enough to leave room for the cases)."""
-    return int(min(max(case_bytes // 2, 64 * MiB), 1024 * MiB))
-
-
-def needs(impls: list[Impl], numel: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes to run every implementation at once, bytes to run them one at a time), parameters, gradients and the
-    copy buffers included; implementations built on torch's unfused ops get a full-size temporary as headroom
-    (foreach's square root of exp_avg_sq is one)."""
-    es = element_size(dtype)
-    base = 2 * numel * es + 2 * copy_buffer_bytes(numel * (3 * es + 16))
-    states = [numel * state_bytes_per_param(i, dtype) for i in impls] or [0]
-    temps = [0 if i.kind == "fused_sched" or "fused" in i.name else numel * es for i in impls] or [0]
-    return base + sum(states) + max(temps), base + max(s + t for s, t in zip(states, temps, strict=True))
-
-
-def make_case(name: str, device: torch.device, args) -> tuple[Case | None, str | None]:
-    if name == "gpt2-124m":
-        return Case(name, "gpt2-124m fp32", gpt2_124m(), torch.float32), None
-    if name == "many-small":
-        return Case(name, "many-small 2000x4096 fp32", many_small(2000, 4096), torch.float32), None
-    if name == "tiny":
-        return Case(name, "tiny fp32", tiny(), torch.float32), None
-    if name == "llama-1b":
-        scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" or args.full else 0.125)
-        shapes = llama_1b(scale)
-        label = "llama-1b bf16"
-        notes = []
-        if scale != 1.0:
-            blocks = (len(shapes) - 2) // 9
-            label += f" (scale {scale:g})"
-            notes.append(f"llama-1b scaled to {scale:g}: {blocks} of 16 blocks and {shapes[0][0]} of 128256 vocabulary "
-                         f"rows, {_numel(shapes) / 1e6:.0f}M parameters (tensor shapes kept); --scale 1 or --full "
-                         "for the whole model")
-        return Case(name, label, shapes, torch.bfloat16, notes), None
-    if name == "llama-7b-shard":
-        if device.type != "cuda" and not args.explicit_7b:
-            return None, "GPU only by default (name it with --case to run it here)"
-        return Case(name, "llama-7b-shard bf16", llama_7b(), torch.bfloat16), None
-    raise ValueError(name)
-
-
-def fit_7b_shard(case: Case, impls: list[Impl], budget: int) -> tuple[Case | None, str]:
-    """The largest shard of the 7B model (embeddings, output and the most blocks) whose implementations fit one
-    at a time."""
-    for layers in range(LLAMA_7B_LAYERS, 0, -1):
-        shapes = llama_7b(layers)
-        _, one_at_a_time = needs(impls, _numel(shapes), case.dtype)
-        if one_at_a_time <= budget:
-            case.shapes = shapes
-            case.label = f"llama-7b-shard bf16 ({layers}/{LLAMA_7B_LAYERS} blocks)"
-            case.notes.append(f"llama-7b-shard: {layers} of {LLAMA_7B_LAYERS} blocks ({case.numel / 1e9:.2f}B "
-                              f"parameters) fit in {budget / 2**30:.0f} GiB with one implementation at a time")
-            return case, ""
-    return None, f"not even one block of the 7B model fits in {budget / 2**30:.1f} GiB"
-
-
-# -- progress ----------------------------------------------------------------------------------------------------
-class Progress:
-    """tqdm on stderr when it imports, else a plain counter line."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        self.enabled = enabled
-        self.total = self.done = 0
-        self.desc = ""
-        self.last = 0.0
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
-                                mininterval=0.5 if sys.stderr.isatty() else 20.0)
-            except ImportError:
-                self.bar = None
-
-    def add(self, n: int) -> None:
-        self.total += n
-        if self.bar is not None:
-            self.bar.total = self.total
-            self.bar.refresh()
-
-    def describe(self, text: str) -> None:
-        self.desc = text
-        if self.bar is not None:
-            self.bar.set_description(text)
-
-    def __call__(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.last > 1.0:
-            self.last = time.monotonic()
-            print(f"\r{self.desc}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
-
-
-# -- running -----------------------------------------------------------------------------------------------------
-@dataclass
-class Entry:
-    name: str
-    kind: str
-    scheduler: str
-    phase: object
-    built: object = None
-    warmup_limit: float | None = None
-    times: list = field(default_factory=list)
-    cpu: list = field(default_factory=list)
-    process_cpu: list = field(default_factory=list)
-    bytes_per_step: int = 0
-    state_dtype: str = "-"
-    extras: dict = field(default_factory=dict)
-    warmup_spent: float = 0.0
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
-
-
-def rounds(entries: list[Entry], device: torch.device, args, skipped: list, case: Case, progress: Progress,
-           budget_s: float) -> None:
-    """Warm-up rounds, then timed rounds; implementation after implementation within each round."""
-    clock = cpu_clock(device)
-    progress.add(args.warmup * len(entries))
-    last_round = 0.0
-    for r in range(args.warmup):
-        last_round = 0.0
-        for e in list(entries):
-            start = time.perf_counter()
-            try:
-                limit = None if e.warmup_limit is None else e.warmup_limit - e.warmup_spent
-                with time_limit(limit):
-                    sync(device)
-                    e.phase()
-                    sync(device)
-            except TimeLimitExceeded:
-                entries.remove(e)
-                skipped.append({"case": case.name, "impl": e.name, "reason": (
-                    f"compile did not finish within --compile-timeout {e.warmup_limit:.0f} s; abandoned")})
-                e.phase = e.built = None
-                _reset_compile()
-                _free(device)
-                continue
-            except Exception as exc:  # noqa: BLE001 (one implementation failing must not stop the suite)
-                entries.remove(e)
-                skipped.append({"case": case.name, "impl": e.name, "reason": f"failed in warm-up: {_reason(exc)}"})
-                e.phase = e.built = None
-                _free(device)
-                continue
-            finally:
-                progress()
-            elapsed = time.perf_counter() - start
-            e.warmup_spent += elapsed
-            last_round += elapsed
-        if r == 0:
-            for e in entries:
-                if e.built is not None:
-                    e.bytes_per_step, e.state_dtype = measure.step_bytes(e.built.params, e.built.opt)
-    on_cpu = device.type == "cpu"
-    steps = args.steps or max(args.min_steps, min(args.max_steps, int(budget_s / max(last_round, 1e-6))))
-    progress.add(steps * len(entries))
-    for _ in range(steps):
-        for e in list(entries):
-            try:
-                if on_cpu:  # every thread's CPU time: only meaningful on a CPU, and it costs two syscalls
-                    p0 = time.process_time()
-                sync(device)
-                start = time.perf_counter()
-                c0 = clock()
-                e.phase()
-                c1 = clock()
-                sync(device)
-                e.times.append(time.perf_counter() - start)
-                e.cpu.append(c1 - c0)
-                if on_cpu:
-                    e.process_cpu.append(time.process_time() - p0)
-            except Exception as exc:  # noqa: BLE001
-                entries.remove(e)
-                skipped.append({"case": case.name, "impl": e.name, "reason": f"failed while timed: {_reason(exc)}"})
-                e.phase = e.built = None
-                _free(device)
-            progress()
-
-
-def extras(e: Entry, device: torch.device, args, progress: Progress) -> None:
-    """Profiler counts, syncs and peak memory of one entry (after its timed rounds)."""
-    out = e.extras
-    try:
-        out.update(measure.profile_phase(e.phase, device, steps=args.profile_steps))
-    except Exception as exc:  # noqa: BLE001
-        out["profile_error"] = _reason(exc)
-    try:
-        out["syncs_per_step"] = measure.count_syncs(e.phase, device, steps=args.profile_steps)
-    except Exception as exc:  # noqa: BLE001
-        out["syncs_error"] = _reason(exc)
-    if device.type == "cuda":
-        try:
-            out["peak_extra"], out["peak_memory_method"] = measure.peak_extra_bytes(e.phase, device)
-        except Exception as exc:  # noqa: BLE001
-            out["peak_error"] = _reason(exc)
-    else:
-        out["peak_extra"] = out.get("cpu_allocator_peak")
-        out["peak_memory_method"] = "c10 allocator peak (profiler memory events)"
-    progress(1)
-
-
-def _reset_compile() -> None:
-    try:
-        torch._dynamo.reset()
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-class _Built:
-    """An implementation's objects plus the parameters its bytes are counted on."""
-
-    def __init__(self, built, params):
-        self.opt, self.sched, self.keep, self.params = built.opt, built.sched, built.keep, params
-
-
-def build_entry(impl: Impl, params, case: Case, skipped: list) -> Entry | None:
-    try:
-        built = impl.build(params)
-    except Exception as exc:  # noqa: BLE001
-        skipped.append({"case": case.name, "impl": impl.name, "reason": f"construction failed: {_reason(exc)}"})
-        return None
-    return Entry(impl.name, impl.kind, impl.scheduler, built.phase, _Built(built, params), impl.warmup_limit)
-
-
-def make_params(case: Case, device: torch.device):
-    gen = torch.Generator(device=device).manual_seed(0)
-    params = []
-    for shape in case.shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen, device=device, dtype=case.dtype))
-        p.grad = torch.randn(shape, generator=gen, device=device, dtype=case.dtype)
-        params.append(p)
-    return params
+from . import report
+from .cases import (
+    CASE_NAMES,
+    DEFAULT_CASES,
+    MiB,
+    copy_buffer_bytes,
+    fit_7b_shard,
+    make_case,
+    make_params,
+    memory_budget,
+    needs,
+)
+from .environment import environment
+from .impls import candidates
+from .measure import element_size
+from .runner import (
+    Entry,
+    Progress,
+    _copier,
+    _free,
+    _reason,
+    _reset_compile,
+    _row,
+    _speedups,
+    build_entry,
+    extras,
+    rounds,
+)
 
 
 def run_case(name: str, device: torch.device, args, progress: Progress, notes: list,
@@ -427,113 +155,6 @@ def run_case(name: str, device: torch.device, args, progress: Progress, notes: l
     _reset_compile()
     _free(device)
     return rows, skipped
-
-
-def _copier(src: torch.Tensor, dst: torch.Tensor):
-    def phase():
-        dst.copy_(src)
-
-    return phase
-
-
-def _row(e: Entry, case: Case, mode: str, device: torch.device) -> dict:
-    s = measure.summarize(e.times)
-    x = e.extras
-    row = dict.fromkeys(report.ROW_KEYS)
-    row.update({
-        "case": case.name, "case_label": case.label, "impl": e.name, "kind": e.kind, "scheduler": e.scheduler,
-        "tensors": len(case.shapes), "numel": case.numel, "param_dtype": str(case.dtype).replace("torch.", ""),
-        "state_dtype": e.state_dtype, "mode": mode, "steps": len(e.times),
-        "median_ms": s["median"] * 1e3, "p20_ms": s["p20"] * 1e3, "p80_ms": s["p80"] * 1e3,
-        "bytes_per_step": e.bytes_per_step, "GBps": e.bytes_per_step / s["median"] / 1e9 if e.bytes_per_step else None,
-        "host_cpu_us": measure.summarize(e.cpu)["median"] * 1e6, "host_cpu_clock": measure.cpu_clock_name(device),
-        "process_cpu_us_mean": sum(e.process_cpu) / len(e.process_cpu) * 1e6 if e.process_cpu else None,
-        "launches_per_step": x.get("launches_per_step"),
-        "launch_detail": None if x.get("launch_detail") is None else {**x["launch_detail"],
-                                                                     "source": x.get("launch_source")},
-        "warmup_s": e.warmup_spent,
-        "ops_per_step": x.get("ops_per_step"), "syncs_per_step": x.get("syncs_per_step"),
-        "peak_extra_MiB": None if x.get("peak_extra") is None else x["peak_extra"] / MiB,
-        "peak_memory_method": x.get("peak_memory_method"),
-        "errors": {k: v for k, v in x.items() if k.endswith("_error")} or None,
-    })
-    if e.kind == "copy":
-        row["state_dtype"] = None
-    return row
-
-
-def _speedups(rows: list[dict]) -> None:
-    copy = next((r for r in rows if r["kind"] == "copy"), None)
-    fused = [r["median_ms"] for r in rows if r["impl"].startswith("torch fused")]
-    best = [r["median_ms"] for r in rows if r["kind"] in ("torch", "compile")]
-    for r in rows:
-        if copy is not None and r["GBps"] is not None:
-            r["copy_GBps"] = copy["GBps"]
-            r["fraction_of_copy"] = r["GBps"] / copy["GBps"]
-        if r["kind"] != "copy":
-            r["speedup_vs_torch_fused"] = min(fused) / r["median_ms"] if fused else None
-            r["speedup_vs_best_torch"] = min(best) / r["median_ms"] if best else None
-
-
-# -- environment -------------------------------------------------------------------------------------------------
-def _git(*cmd) -> str:
-    try:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, check=False,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    import fused_sched
-    from fused_sched._extension import load_extension
-
-    native = load_extension()
-    env = {
-        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "fused_sched": fused_sched.__version__,
-        "commit": _git("rev-parse", "HEAD") or os.environ.get("BENCH_COMMIT", ""),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device_type": device.type, "cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(),
-        "cpu_capability": native.cpu_capability(), "fused_sched_cuda_kernels": bool(native.cuda_compiled()),
-        "scheduler_source": scheduler_source(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["device"] = torch.cuda.get_device_name(device)
-        env["gpu_memory_GiB"] = round(props.total_memory / 2**30, 1)
-        env["cuda_driver"] = _nvidia_driver()
-    else:
-        env["device"] = f"{env['cpu']} ({env['cpu_threads']} threads)"
-    return env
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False, timeout=20).stdout.strip()
-        return out.splitlines()[0] if out else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
 
 # -- main --------------------------------------------------------------------------------------------------------
 def parse_args(argv):
@@ -641,7 +262,7 @@ def main(argv=None) -> dict:
         progress.close()
     record["elapsed_s"] = round(time.perf_counter() - started, 1)
     record["targets"] = report.targets(record["rows"], device.type)
-    text = render(header, record, device)
+    text = report.render(header, record, device)
     print(text)
     png = None if args.no_plot else report.chart(base + ".png", record["rows"], header.lstrip("# "))
     record["chart"] = os.path.basename(png) if png else None
@@ -651,30 +272,6 @@ def main(argv=None) -> dict:
     written = [base + ".json", base + ".md"] + ([png] if png else [])
     print("results written to " + ", ".join(os.path.relpath(p) for p in written), file=sys.stderr)
     return record
-
-
-def render(header: str, record: dict, device: torch.device) -> str:
-    from .e2e import format_e2e
-
-    parts = [header, ""]
-    if record["rows"]:
-        parts += [report.markdown_table(record["rows"]), "", report.legend(device.type), ""]
-    for note in record["notes"]:
-        parts.append(f"- {note}")
-    if record["skipped"]:
-        parts += ["", "Not measured:"]
-        groups: dict = {}
-        for s in record["skipped"]:
-            groups.setdefault((s["impl"], s["reason"]), []).append(s["case"])
-        parts += [f"- {', '.join(cases)}: {reason}" if impl == "(whole case)" else
-                  f"- {impl} ({', '.join(cases)}): {reason}" for (impl, reason), cases in groups.items()]
-    if record["targets"]:
-        parts += ["", "## Targets (issue 5; read from this run, not asserted)", "",
-                  report.targets_table(record["targets"])]
-    if record["e2e"]:
-        parts.append(format_e2e(record["e2e"]))
-    parts.append(f"\nsuite time {record['elapsed_s']:.0f} s")
-    return "\n".join(parts)
 
 
 if __name__ == "__main__":
