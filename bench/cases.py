@@ -110,6 +110,7 @@ def fit_7b_shard(case: Case, impls: list[Impl], budget: int) -> tuple[Case | Non
             return case, ""
     return None, f"not even one block of the 7B model fits in {budget / 2**30:.1f} GiB"
 
+
 def make_params(case: Case, device: torch.device):
     gen = torch.Generator(device=device).manual_seed(0)
     params = []

@@ -1,14 +1,11 @@
-"""Output of the suite: the markdown table, the targets read from it, the JSON record and the PNG chart."""
+"""Output of the suite: the markdown table, the targets read from it, the markdown report around them, the JSON
+record and the PNG chart."""
 
 from __future__ import annotations
 
 import json
 import os
 import textwrap
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 #: metric keys every row of the JSON record carries (None where a metric does not apply or was not measured)
 ROW_KEYS = (
@@ -177,12 +174,14 @@ def chart(path: str, rows: list[dict], title: str) -> str | None:
     return path
 
 
-def render(header: str, record: dict, device: torch.device) -> str:
+def render(header: str, record: dict, device_type: str) -> str:
+    """The suite's markdown report: table and legend, notes, what was not measured and why, targets and the
+    end-to-end check."""
     from .e2e import format_e2e
 
     parts = [header, ""]
     if record["rows"]:
-        parts += [markdown_table(record["rows"]), "", legend(device.type), ""]
+        parts += [markdown_table(record["rows"]), "", legend(device_type), ""]
     for note in record["notes"]:
         parts.append(f"- {note}")
     if record["skipped"]:

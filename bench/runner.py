@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import measure, report
-from .cases import Case, MiB
+from .cases import Case, MiB, copy_buffer_bytes, make_params
 from .impls import Impl
-from .measure import TimeLimitExceeded, cpu_clock, sync, time_limit
+from .measure import TimeLimitExceeded, cpu_clock, element_size, sync, time_limit
 
 
 # -- progress ----------------------------------------------------------------------------------------------------
@@ -79,7 +79,8 @@ class Entry:
     warmup_spent: float = 0.0
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (at most 300 characters), for the record."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
@@ -110,7 +111,8 @@ def rounds(entries: list[Entry], device: torch.device, args, skipped: list, case
                 continue
             except Exception as exc:  # noqa: BLE001 (one implementation failing must not stop the suite)
                 entries.remove(e)
-                skipped.append({"case": case.name, "impl": e.name, "reason": f"failed in warm-up: {_reason(exc)}"})
+                skipped.append({"case": case.name, "impl": e.name,
+                                "reason": f"failed in warm-up: {failure_reason(exc)}"})
                 e.phase = e.built = None
                 _free(device)
                 continue
@@ -143,7 +145,8 @@ def rounds(entries: list[Entry], device: torch.device, args, skipped: list, case
                     e.process_cpu.append(time.process_time() - p0)
             except Exception as exc:  # noqa: BLE001
                 entries.remove(e)
-                skipped.append({"case": case.name, "impl": e.name, "reason": f"failed while timed: {_reason(exc)}"})
+                skipped.append({"case": case.name, "impl": e.name,
+                                "reason": f"failed while timed: {failure_reason(exc)}"})
                 e.phase = e.built = None
                 _free(device)
             progress()
@@ -155,16 +158,16 @@ def extras(e: Entry, device: torch.device, args, progress: Progress) -> None:
     try:
         out.update(measure.profile_phase(e.phase, device, steps=args.profile_steps))
     except Exception as exc:  # noqa: BLE001
-        out["profile_error"] = _reason(exc)
+        out["profile_error"] = failure_reason(exc)
     try:
         out["syncs_per_step"] = measure.count_syncs(e.phase, device, steps=args.profile_steps)
     except Exception as exc:  # noqa: BLE001
-        out["syncs_error"] = _reason(exc)
+        out["syncs_error"] = failure_reason(exc)
     if device.type == "cuda":
         try:
             out["peak_extra"], out["peak_memory_method"] = measure.peak_extra_bytes(e.phase, device)
         except Exception as exc:  # noqa: BLE001
-            out["peak_error"] = _reason(exc)
+            out["peak_error"] = failure_reason(exc)
     else:
         out["peak_extra"] = out.get("cpu_allocator_peak")
         out["peak_memory_method"] = "c10 allocator peak (profiler memory events)"
@@ -195,9 +198,66 @@ def build_entry(impl: Impl, params, case: Case, skipped: list) -> Entry | None:
     try:
         built = impl.build(params)
     except Exception as exc:  # noqa: BLE001
-        skipped.append({"case": case.name, "impl": impl.name, "reason": f"construction failed: {_reason(exc)}"})
+        skipped.append({"case": case.name, "impl": impl.name, "reason": f"construction failed: {failure_reason(exc)}"})
         return None
     return Entry(impl.name, impl.kind, impl.scheduler, built.phase, _Built(built, params), impl.warmup_limit)
+
+
+def measure_case(case: Case, impls: list[Impl], mode: str, device: torch.device, args, progress: Progress,
+                 skipped: list, info: dict) -> list[dict]:
+    """Rows of `case`: the device copy ceiling and the implementations timed round by round, all interleaved or
+    (mode "one at a time") each with the copy alone and its states freed before the next; implementations that
+    fail are appended to `skipped`, the copy buffer's size to `info`."""
+    params = make_params(case, device)
+    es = element_size(case.dtype)
+    fs_bytes = case.numel * (3 * es + 16)
+    nbuf = copy_buffer_bytes(fs_bytes)
+    src = torch.empty(nbuf // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy = Entry(report.COPY_IMPL, "copy", "-", _copier(src, dst), bytes_per_step=2 * src.numel() * 4)
+    info["copy_buffer_MiB"] = nbuf // MiB
+    budget_s = args.case_budget
+    done: list[Entry] = []
+    if mode == "interleaved":
+        entries = [copy] + [e for e in (build_entry(i, params, case, skipped) for i in impls) if e is not None]
+        rounds(entries, device, args, skipped, case, progress, budget_s)
+        progress.add(len(entries))
+        for e in entries:
+            extras(e, device, args, progress)
+        done = entries
+    else:
+        copy_times, copy_cpu, copy_process = [], [], []
+        for impl in impls:
+            e = build_entry(impl, params, case, skipped)
+            if e is None:
+                continue
+            copy.times, copy.cpu, copy.process_cpu = [], [], []
+            entries = [copy, e]
+            rounds(entries, device, args, skipped, case, progress, budget_s / max(len(impls), 1))
+            copy_times += copy.times
+            copy_cpu += copy.cpu
+            copy_process += copy.process_cpu
+            if e in entries:
+                progress.add(1)
+                extras(e, device, args, progress)
+                e.phase = None
+                e.built.opt = e.built.sched = e.built.keep = None
+                done.append(e)
+            del entries, e
+            _free(device)
+        copy.times, copy.cpu, copy.process_cpu = copy_times, copy_cpu, copy_process
+        progress.add(1)
+        extras(copy, device, args, progress)
+        done = [copy] + done
+    rows = [_row(e, case, mode, device) for e in done if e.times]
+    _speedups(rows)
+    for e in done:
+        e.phase = e.built = None
+    del done, params, src, dst, copy
+    _reset_compile()
+    _free(device)
+    return rows
+
 
 def _copier(src: torch.Tensor, dst: torch.Tensor):
     def phase():

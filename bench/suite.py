@@ -32,38 +32,16 @@ import time
 import torch
 
 from . import report
-from .cases import (
-    CASE_NAMES,
-    DEFAULT_CASES,
-    MiB,
-    copy_buffer_bytes,
-    fit_7b_shard,
-    make_case,
-    make_params,
-    memory_budget,
-    needs,
-)
+from .cases import CASE_NAMES, DEFAULT_CASES, fit_7b_shard, make_case, memory_budget, needs
 from .environment import environment
 from .impls import candidates
-from .measure import element_size
-from .runner import (
-    Entry,
-    Progress,
-    _copier,
-    _free,
-    _reason,
-    _reset_compile,
-    _row,
-    _speedups,
-    build_entry,
-    extras,
-    rounds,
-)
+from .runner import Progress, failure_reason, measure_case
 
 
 def run_case(name: str, device: torch.device, args, progress: Progress, notes: list,
              info: dict) -> tuple[list, list]:
-    """Rows and skipped implementations of one case; `info` receives the case's description."""
+    """Rows and skipped implementations of one case; `info` receives the case's description. The case is planned
+    here (implementations, memory, interleaved or one at a time) and measured by runner.measure_case."""
     skipped: list = []
     case, why = make_case(name, device, args)
     if case is None:
@@ -105,56 +83,8 @@ def run_case(name: str, device: torch.device, args, progress: Progress, notes: l
                  "param_dtype": str(case.dtype).replace("torch.", ""), "mode": mode,
                  "memory_allowed_GiB": round(budget / 2**30, 1), "memory_all_together_GiB": round(together / 2**30, 1),
                  "memory_one_at_a_time_GiB": round(one_at_a_time / 2**30, 1)})
+    return measure_case(case, impls, mode, device, args, progress, skipped, info), skipped
 
-    params = make_params(case, device)
-    es = element_size(case.dtype)
-    fs_bytes = case.numel * (3 * es + 16)
-    nbuf = copy_buffer_bytes(fs_bytes)
-    src = torch.empty(nbuf // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    copy = Entry(report.COPY_IMPL, "copy", "-", _copier(src, dst), bytes_per_step=2 * src.numel() * 4)
-    info["copy_buffer_MiB"] = nbuf // MiB
-    budget_s = args.case_budget
-    done: list[Entry] = []
-    if mode == "interleaved":
-        entries = [copy] + [e for e in (build_entry(i, params, case, skipped) for i in impls) if e is not None]
-        rounds(entries, device, args, skipped, case, progress, budget_s)
-        progress.add(len(entries))
-        for e in entries:
-            extras(e, device, args, progress)
-        done = entries
-    else:
-        copy_times, copy_cpu, copy_process = [], [], []
-        for impl in impls:
-            e = build_entry(impl, params, case, skipped)
-            if e is None:
-                continue
-            copy.times, copy.cpu, copy.process_cpu = [], [], []
-            entries = [copy, e]
-            rounds(entries, device, args, skipped, case, progress, budget_s / max(len(impls), 1))
-            copy_times += copy.times
-            copy_cpu += copy.cpu
-            copy_process += copy.process_cpu
-            if e in entries:
-                progress.add(1)
-                extras(e, device, args, progress)
-                e.phase = None
-                e.built.opt = e.built.sched = e.built.keep = None
-                done.append(e)
-            del entries, e
-            _free(device)
-        copy.times, copy.cpu, copy.process_cpu = copy_times, copy_cpu, copy_process
-        progress.add(1)
-        extras(copy, device, args, progress)
-        done = [copy] + done
-    rows = [_row(e, case, mode, device) for e in done if e.times]
-    _speedups(rows)
-    for e in done:
-        e.phase = e.built = None
-    del done, params, src, dst, copy
-    _reset_compile()
-    _free(device)
-    return rows, skipped
 
 # -- main --------------------------------------------------------------------------------------------------------
 def parse_args(argv):
@@ -254,7 +184,7 @@ def main(argv=None) -> dict:
             try:
                 record["e2e"] = run_e2e(device, args.e2e_steps, progress=progress)
             except Exception as exc:  # noqa: BLE001
-                record["e2e"] = {"error": _reason(exc)}
+                record["e2e"] = {"error": failure_reason(exc)}
     except KeyboardInterrupt:
         record["interrupted"] = True
         record["notes"].append("interrupted: the record holds the cases completed before the interrupt")
@@ -262,7 +192,7 @@ def main(argv=None) -> dict:
         progress.close()
     record["elapsed_s"] = round(time.perf_counter() - started, 1)
     record["targets"] = report.targets(record["rows"], device.type)
-    text = report.render(header, record, device)
+    text = report.render(header, record, device.type)
     print(text)
     png = None if args.no_plot else report.chart(base + ".png", record["rows"], header.lstrip("# "))
     record["chart"] = os.path.basename(png) if png else None
