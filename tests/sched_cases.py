@@ -76,7 +76,8 @@ class Pair:
 
 # name: (factory, steps, exact). exact: the kernel's lr must round like torch's at every step (closed forms in torch
 # too, or programs of the host's own constants); otherwise one float32 ulp is allowed where torch's recursive
-# form has drifted across a rounding boundary (test_recursive_drift_is_one_ulp shows one such step).
+# form has drifted across a rounding boundary (tests/test_lr_scheduler.py test_recursive_drift_is_one_ulp shows one
+# such step).
 CASES = {
     "step": (lambda M, o: M.StepLR(o, 30, 0.5), 1000, False),
     "step_7": (lambda M, o: M.StepLR(o, 7, 0.9), 1000, False),

@@ -10,7 +10,7 @@ import fused_sched
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-# -- large-model features on the GPU (tests/test_large_model.py runs them on the CPU and under the interpreter) --
+# -- large-model features on the GPU (tests/test_large_model_*.py run them on the CPU and under the interpreter)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_clip_and_schedule_without_a_sync(backend):
     """scaler.scale(loss).backward(); scaler.step(opt); scaler.update(); sched.step() with fused clipping, master
