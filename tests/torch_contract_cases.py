@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sched_cases import ulps
 
 from fused_sched import backends
 
@@ -37,14 +38,6 @@ BACKENDS = [
     "cuda",  # conftest.py makes it runnable (the host build of the CUDA kernels without a GPU)
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def ulps(a: float, b: float) -> int:
-    """Distance in float32 ulps between fl32(a) and fl32(b)."""
-    x, y = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
-    if x.item() == y.item():
-        return 0
-    return abs(int(x.view(torch.int32)) - int(y.view(torch.int32)))
 
 
 def _lr(value, tensor: bool):
