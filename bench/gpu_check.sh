@@ -2,10 +2,10 @@
 # One-command GPU check: build fused_sched against the installed (CUDA) torch, run every test (the GPU tests
 # included), run the benchmark suite (python -m bench), and write the results (JSON with device, versions, commit,
 # date; the markdown table; the PNG chart; the test log and JUnit XML) under bench/results/. The CUDA kernels are
-# built and tested (tests/test_gpu.py runs every GPU test on the Triton and the CUDA backend) and benchmarked.
+# built and tested (tests/test_gpu*.py run every GPU test on the Triton and the CUDA backend) and benchmarked.
 #
 #     bash bench/gpu_check.sh            # everything: every test, the large-model recipes, the whole suite
-#     bash bench/gpu_check.sh --quick    # under 5 minutes on an H100: tests/test_gpu.py (both device backends)
+#     bash bench/gpu_check.sh --quick    # under 5 minutes on an H100: tests/test_gpu*.py (both device backends)
 #                                        # and the suite's GPT-2, 1B and 2000-small cases (--quick rounds), with
 #                                        # the device copy bandwidth measured in the same run
 #     bash bench/gpu_check.sh --rehearse # no GPU needed: the build and import path only, then every operator's
@@ -65,7 +65,7 @@ echo "== tests ($SECONDS s so far)" | tee -a "$log"
 # GPU_CHECK_TESTS narrows the tests (default: all of tests/), e.g. "tests/test_gpu.py tests/test_device_backends.py"
 # when a lease's 10-minute command limit must leave room for the benchmarks.
 if [ "$quick" = 1 ]; then
-  tests=${GPU_CHECK_TESTS:-tests/test_gpu.py}
+  tests=${GPU_CHECK_TESTS:-tests/test_gpu.py tests/test_gpu_large_model.py}
   budget=${GPU_CHECK_BUDGET_S:-280}
   suite_args=(--quick --case gpt2-124m --case llama-1b --case many-small)
   min_limit=90

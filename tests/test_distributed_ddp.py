@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+
+import fused_sched
 from distributed_cases import (
     STEPS,
     TOLERANCE,
@@ -18,8 +20,6 @@ from distributed_cases import (
     _run,
     _train,
 )
-
-import fused_sched
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")

@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+
 from frameworks_cases import (
     TOLERANCE,
     _assert_params_close,

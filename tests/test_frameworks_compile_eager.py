@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+
+import fused_sched
 from frameworks_cases import (
     _cosine,
     _data,
@@ -17,8 +19,6 @@ from frameworks_cases import (
     _one_thread,  # noqa: F401 (an autouse fixture: pytest finds it in this module)
     _record_graph,
 )
-
-import fused_sched
 
 
 def _compiled_versus_eager(algorithm: str, backend: str, mode: str, steps: int = 6, **options):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from frameworks_cases import _one_thread  # noqa: F401 (an autouse fixture: pytest finds it in this module)
 
 ROOT = Path(__file__).resolve().parent.parent

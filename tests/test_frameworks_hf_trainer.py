@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import fused_sched
 from frameworks_cases import (
     _assert_params_close,
     _one_thread,  # noqa: F401 (an autouse fixture: pytest finds it in this module)
 )
-
-import fused_sched
 
 
 # -- Hugging Face Trainer ---------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import fused_sched
 from frameworks_cases import (
     _assert_params_close,
     _cosine,
@@ -12,8 +14,6 @@ from frameworks_cases import (
     _one_thread,  # noqa: F401 (an autouse fixture: pytest finds it in this module)
     _optimizer,
 )
-
-import fused_sched
 
 
 # -- Lightning --------------------------------------------------------------------------------------------------

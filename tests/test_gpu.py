@@ -7,9 +7,9 @@ tests/test_gpu_large_model.py."""
 
 import pytest
 import torch
-from gpu_cases import BACKENDS, _model
 
 import fused_sched
+from gpu_cases import BACKENDS, _model
 from optim_reference import clone_leaves, draw_grads, make_params, set_grads, twin_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

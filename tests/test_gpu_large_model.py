@@ -3,9 +3,9 @@ on the device backends, Triton and CUDA. Skipped without a GPU; run by bench/gpu
 
 import pytest
 import torch
-from gpu_cases import BACKENDS, _model
 
 import fused_sched
+from gpu_cases import BACKENDS, _model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from hf_schedule_cases import LR, _assert_applied, _fused, _run, _same_error, _torch, hf
 
 from fused_sched import hf_schedules as ours
 from fused_sched._schedule_program import evaluate_reference
+from hf_schedule_cases import LR, _assert_applied, _fused, _run, _same_error, _torch, hf
 
 PAST_END = 1000
 

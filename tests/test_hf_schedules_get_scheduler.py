@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-from hf_schedule_cases import LR, HFSchedulerType, _assert_applied, _fused, _run, _same_error, _torch, hf
 
 import fused_sched
 from fused_sched import hf_schedules as ours
+from hf_schedule_cases import LR, HFSchedulerType, _assert_applied, _fused, _run, _same_error, _torch, hf
 
 # -- get_scheduler ---------------------------------------------------------------------------------------------
 SCHEDULER_KWARGS = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+
+import fused_sched
 from large_model_cases import (
     BACKENDS,
     INF_STEPS,
@@ -15,8 +17,6 @@ from large_model_cases import (
     _set,
     _snapshot,
 )
-
-import fused_sched
 from optim_reference import ATOL, clone_leaves, make_params
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import fused_sched
 from large_model_cases import (
     DEVICE,
     SHAPES,
@@ -13,8 +15,6 @@ from large_model_cases import (
     _assert_same_snapshot,
     _snapshot,
 )
-
-import fused_sched
 from optim_reference import clone_leaves, make_params
 
 

@@ -6,6 +6,8 @@ import io
 
 import pytest
 import torch
+
+import fused_sched
 from large_model_cases import (
     BACKENDS,
     SHAPES,
@@ -14,8 +16,6 @@ from large_model_cases import (
     _set,
     _snapshot,
 )
-
-import fused_sched
 from optim_reference import ATOL, clone_leaves, make_params
 
 

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+
+import fused_sched
 from large_model_cases import (
     BACKENDS,
     DEVICE,
 )
-
-import fused_sched
 
 
 # -- stochastic rounding ---------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-from sched_cases import CASES, LRS, MOMENTUM_CASES, Pair, ulps
 from torch.optim import lr_scheduler as T
 
 import fused_sched
 from fused_sched import lr_scheduler as F
 from fused_sched._schedule_program import evaluate_reference
+from sched_cases import CASES, LRS, MOMENTUM_CASES, Pair, ulps
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sched_cases import Pair, _applied_lrs
 from torch.optim import lr_scheduler as T
 
 import fused_sched
 from fused_sched import lr_scheduler as F
+from sched_cases import Pair, _applied_lrs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sched_cases import CASES, Pair
 
 import fused_sched
 from fused_sched import hf_schedules
+from sched_cases import CASES, Pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

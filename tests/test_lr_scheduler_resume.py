@@ -8,9 +8,9 @@ import io
 
 import pytest
 import torch
-from sched_cases import CASES, Pair
 
 from fused_sched import lr_scheduler as F
+from sched_cases import CASES, Pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

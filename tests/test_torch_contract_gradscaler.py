@@ -9,10 +9,10 @@ import io
 import pytest
 import torch
 from torch.optim import lr_scheduler as T
-from torch_contract_cases import BACKENDS, DEVICE, Probe, _transformers, assert_lrs
 
 import fused_sched
 from fused_sched import lr_scheduler as F
+from torch_contract_cases import BACKENDS, DEVICE, Probe, _transformers, assert_lrs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

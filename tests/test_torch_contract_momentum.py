@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.optim import lr_scheduler as T
-from torch_contract_cases import BACKENDS, DEVICE
 
 import fused_sched
 from fused_sched import lr_scheduler as F
 from optim_reference import ATOL
+from torch_contract_cases import BACKENDS, DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

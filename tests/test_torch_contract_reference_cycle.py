@@ -7,10 +7,10 @@ import weakref
 
 import pytest
 import torch
-from torch_contract_cases import SCHEDULERS, Probe
 
 import fused_sched
 from fused_sched import lr_scheduler as F
+from torch_contract_cases import SCHEDULERS, Probe
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.optim import lr_scheduler as T
-from torch_contract_cases import SCHEDULERS, Probe, assert_lrs
 
 import fused_sched
 from fused_sched import lr_scheduler as F
+from torch_contract_cases import SCHEDULERS, Probe, assert_lrs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch_contract_cases import BACKENDS, DEVICE
 
 import fused_sched
 from optim_reference import ATOL
+from torch_contract_cases import BACKENDS, DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

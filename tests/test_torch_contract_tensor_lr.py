@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as T
 from torch.optim.swa_utils import SWALR
-from torch_contract_cases import BACKENDS, DEVICE, SCHEDULERS, Probe, assert_lrs
 
 import fused_sched
 from fused_sched import lr_scheduler as F
+from torch_contract_cases import BACKENDS, DEVICE, SCHEDULERS, Probe, assert_lrs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sched_cases import ulps
 
 from fused_sched import backends
+from sched_cases import ulps
 
 BACKENDS = [
     "cpu",
