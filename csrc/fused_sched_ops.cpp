@@ -6,7 +6,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "cpu/optim_cpu.h"
+#include "cpu/grad_norm.h"
+#include "cpu/step_common.h"
 #include "fused_sched/optim_math.h"
 #include "optim_bucket.h"
 #include "optim_checks.h"

@@ -7,7 +7,10 @@
 
 #include <sstream>
 
-#include "cpu/optim_cpu.h"
+#include "cpu/adam.h"
+#include "cpu/grad_norm.h"
+#include "cpu/sgd.h"
+#include "cpu/step_common.h"
 #include "fused_sched/optim_math.h"
 #include "optim_checks.h"
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/optim_cpu.h"
+#include "cpu/step_common.h"
 
 namespace fused_sched {
 

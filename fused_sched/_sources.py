@@ -6,10 +6,13 @@
 CPU_SOURCES = [
     "csrc/fused_sched_ops.cpp",
     "csrc/optim_bucket.cpp",
-    "csrc/cpu/optim_cpu.cpp",
-    "csrc/cpu/optim_cpu_kernels_default.cpp",
-    "csrc/cpu/optim_cpu_kernels_avx2.cpp",
-    "csrc/cpu/optim_cpu_kernels_avx512.cpp",
+    "csrc/cpu/step_common.cpp",
+    "csrc/cpu/adam.cpp",
+    "csrc/cpu/sgd.cpp",
+    "csrc/cpu/grad_norm.cpp",
+    "csrc/cpu/kernels_default.cpp",
+    "csrc/cpu/kernels_avx2.cpp",
+    "csrc/cpu/kernels_avx512.cpp",
 ]
 
 # Kernels free of torch headers (compile-checked by nvcc on machines without a GPU) and the torch glue that

@@ -33,9 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST_DIR = Path(__file__).resolve().parent / "cuda_host"
 KERNEL_SOURCE = ROOT / "csrc" / "cuda" / "optim_cuda.cu"
 # Everything the host build reads: a change to any of them builds it again.
-INPUTS = [KERNEL_SOURCE, ROOT / "csrc" / "cuda" / "optim_cuda.h", ROOT / "csrc" / "include" / "fused_sched" /
-          "optim_math.h", ROOT / "csrc" / "include" / "fused_sched" / "schedule_math.h",
-          *sorted(HOST_DIR.iterdir())]
+INPUTS = [*sorted((ROOT / "csrc" / "cuda").glob("*.cu*")), *sorted((ROOT / "csrc" / "cuda").glob("*.h")),
+          *sorted((ROOT / "csrc" / "include" / "fused_sched").glob("*.h")), *sorted(HOST_DIR.iterdir())]
 
 # SMs of the emulated device: the update launches run min(n_chunks, 2 * SMS) blocks, the norm pass 4 * SMS, so
 # a bucket of a few chunks already exercises the persistent loop and the last-block ticket.

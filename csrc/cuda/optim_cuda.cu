@@ -15,7 +15,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "fused_sched/adam_math.h"
 #include "fused_sched/optim_math.h"
+#include "fused_sched/sgd_math.h"
 #include "fused_sched/schedule_math.h"
 #include "optim_cuda.h"
 

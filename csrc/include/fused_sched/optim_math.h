@@ -76,45 +76,6 @@ constexpr uint32_t kNoWeightDecay = 0x80000000u;
 
 FS_HOST_DEVICE uint32_t hyper_flags(const double* row) { return static_cast<uint32_t>(row[kFlags]); }
 
-// Scalars of one Adam/AdamW update of one tensor, computed in float64 exactly as torch computes them in
-// Python (bias corrections from the float32 step counter after its increment), then rounded to float once.
-template <typename T>
-struct AdamCoeffs {
-  T decay;           // 1 - lr * wd (AdamW) ; unused for Adam
-  T weight_decay;    // L2 coefficient (Adam)
-  T lerp_weight;           // 1 - beta1
-  T lerp_weight_minus_one;  // (1 - beta1) - 1, the large-weight branch of torch.lerp
-  T beta2;
-  T one_minus_beta2;
-  T bc2_sqrt;        // sqrt(1 - beta2^step)
-  T eps;
-  T neg_step_size;   // -lr / (1 - beta1^step)
-  bool lerp_small;   // torch.lerp picks its formula by |weight| < 0.5
-  uint32_t flags;
-};
-
-FS_HOST_DEVICE AdamCoeffs<float> adam_coeffs(const double* row, double step) {
-  const double lr = row[kLr], beta1 = row[kBeta1], beta2 = row[kBeta2], wd = row[kWeightDecay];
-  const double bias_correction1 = 1.0 - pow(beta1, step);
-  const double bias_correction2 = 1.0 - pow(beta2, step);
-  const double lerp_w = 1.0 - beta1;
-  const float lerp_wf = static_cast<float>(lerp_w);
-  AdamCoeffs<float> c;
-  c.decay = static_cast<float>(1.0 - lr * wd);
-  c.weight_decay = static_cast<float>(wd);
-  c.lerp_weight = lerp_wf;
-  c.lerp_weight_minus_one = lerp_wf - 1.0f;
-  c.beta2 = static_cast<float>(beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  c.bc2_sqrt = static_cast<float>(sqrt(bias_correction2));
-  c.eps = static_cast<float>(row[kEps]);
-  c.neg_step_size = static_cast<float>(-(lr / bias_correction1));
-  c.lerp_small = fabs(lerp_w) < 0.5;
-  c.flags = hyper_flags(row);
-  if (wd == 0.0) c.flags |= kNoWeightDecay;
-  return c;
-}
-
 // Rounding: every operation rounds on its own (the build turns off FMA contraction), except where torch's
 // vectorized CPU kernels round a multiply-add once, which MathOps::fma reproduces: `add(a, b, alpha=s)` is
 // fma(b, s, a) and `lerp` is fma(weight or weight - 1, end - start, start or end). Matching torch there matters
@@ -134,69 +95,6 @@ struct MathOps<float> {
   // a * b + c rounded once.
   static FS_HOST_DEVICE float fma(float a, float b, float c) { return fmaf(a, b, c); }
 };
-
-// One Adam/AdamW element: p, m, v, vmax updated in place; g is the gradient as stored.
-template <typename T>
-FS_HOST_DEVICE void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamCoeffs<T>& c) {
-  if (c.flags & kMaximize) g = MathOps<T>::neg(g);
-  if (c.flags & kDecoupledWeightDecay) {
-    p = p * c.decay;
-  } else if (!(c.flags & kNoWeightDecay)) {
-    g = MathOps<T>::fma(p, c.weight_decay, g);  // grad.add(param, alpha=weight_decay)
-  }
-  // exp_avg.lerp_(grad, 1 - beta1)
-  m = c.lerp_small ? MathOps<T>::fma(c.lerp_weight, g - m, m) : MathOps<T>::fma(c.lerp_weight_minus_one, g - m, g);
-  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-  v = v * c.beta2;
-  v = v + c.one_minus_beta2 * g * g;
-  T second = v;
-  if (c.flags & kAmsgrad) {
-    vmax = MathOps<T>::max(vmax, v);
-    second = vmax;
-  }
-  // denom = sqrt(v) / bias_correction2_sqrt + eps ; param.addcdiv_(exp_avg, denom, value=-step_size)
-  const T denom = MathOps<T>::sqrt(second) / c.bc2_sqrt + c.eps;
-  p = p + c.neg_step_size * m / denom;
-}
-
-template <typename T>
-struct SgdCoeffs {
-  T neg_lr;
-  T weight_decay;
-  T momentum;
-  T one_minus_dampening;
-  uint32_t flags;
-  bool has_momentum;
-};
-
-FS_HOST_DEVICE SgdCoeffs<float> sgd_coeffs(const double* row) {
-  SgdCoeffs<float> c;
-  c.neg_lr = static_cast<float>(-row[kLr]);
-  c.weight_decay = static_cast<float>(row[kWeightDecay]);
-  c.momentum = static_cast<float>(row[kMomentum]);
-  c.one_minus_dampening = static_cast<float>(1.0 - row[kDampening]);
-  c.flags = hyper_flags(row);
-  if (row[kWeightDecay] == 0.0) c.flags |= kNoWeightDecay;
-  c.has_momentum = row[kMomentum] != 0.0;
-  return c;
-}
-
-// One SGD element. `fresh` is true on the step that creates the momentum buffer: torch then sets buf = grad.
-template <typename T>
-FS_HOST_DEVICE void sgd_element(T& p, T g, T& buf, bool fresh, const SgdCoeffs<T>& c) {
-  if (c.flags & kMaximize) g = MathOps<T>::neg(g);
-  if (!(c.flags & kNoWeightDecay)) g = MathOps<T>::fma(p, c.weight_decay, g);  // grad.add(param, alpha=wd)
-  if (c.has_momentum) {
-    if (fresh) {
-      buf = g;
-    } else {
-      // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-      buf = MathOps<T>::fma(g, c.one_minus_dampening, buf * c.momentum);
-    }
-    g = (c.flags & kNesterov) ? MathOps<T>::fma(buf, c.momentum, g) : buf;  // grad.add(buf, alpha=momentum)
-  }
-  p = MathOps<T>::fma(g, c.neg_lr, p);  // param.add_(grad, alpha=-lr)
-}
 
 // What the step does to every gradient before the update: torch's fused optimizers divide by the GradScaler's scale
 // (grad_scale), and a pending fused clip multiplies by clip_grad_norm_'s coefficient. Both are skipped when absent

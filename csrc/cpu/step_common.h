@@ -1,12 +1,15 @@
+// What the CPU operators of every optimizer share (step_common.cpp): StepOptions, the choice of kernels, the
+// argument checks and the bucket of tensor slots cut into chunks.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "optim_cpu_kernels.h"
+#include "kernel_table.h"
 
 namespace fused_sched::cpu {
 // The CPU capability whose kernels run (default, avx2, avx512) and a switch for tests and benchmarks.
@@ -44,22 +47,50 @@ struct StepOptions {
   int64_t sr_seed = 0;
 };
 
-void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
-                   at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
-                   const std::optional<at::Tensor>& schedule_step, const StepOptions& options, bool checked);
-void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
-                  const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
-                  const StepOptions& options, bool checked);
-
-// The accumulated gradient norm of a CPU bucket for a fused clip: the sum of |g / grad_scale|^norm_type (finite
-// norm_type) or the maximum of |g / grad_scale| (infinite), in float64; NaN propagates. grad_scale: 1 for none.
-double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double grad_scale);
-// The accumulation of several buckets from theirs, in order: the sum (finite norm_type) or the NaN-propagating
-// maximum (infinite). The one rule for the optimizers' eager path and the fused_sched::grad_norm_clip operator.
-double combine_norm_parts(const std::vector<double>& parts, double norm_type);
 // Every group's (lr, momentum) program value at the step in schedule_step: float64 [groups, 2], NaN where the
 // program sets nothing. The kernels' own evaluation, exposed for tests and for plotting.
 at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step);
+
+// -- shared by the operators of adam.cpp, sgd.cpp and grad_norm.cpp (defined in step_common.cpp) --
+
+// 16384-element chunks: with 2000 tensors of 256 elements and with GPT-2's 148 tensors both chunkings keep the
+// two threads within 1% of each other on this 2-core machine; larger chunks unbalance the small-model case.
+constexpr int64_t kChunkElements = 16384;
+// Below this many elements in all, waking the thread pool costs more than it saves (measured ~15 us per wake).
+constexpr int64_t kSerialElements = 32768;
+
+const KernelTable*& active_kernels();
+ParamType param_type(at::ScalarType t);
+void check_hyper(const at::Tensor& hyper, at::IntArrayRef group_index, size_t n);
+at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
+                           const std::optional<at::Tensor>& schedule_step, bool adam);
+
+struct Bucket {
+  ParamType type;
+  std::vector<TensorSlot> slots;
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+};
+
+Bucket make_bucket(at::TensorList params, at::TensorList grads, bool checked);
+void make_chunks(Bucket& b);
+
+template <typename Fn>
+void run_chunks(const Bucket& b, Fn&& fn) {
+  const int64_t n = static_cast<int64_t>(b.chunks.size());
+  if (n == 0) return;
+  if (b.total <= kSerialElements) {
+    fn(0, n);
+  } else {
+    at::parallel_for(0, n, 1, fn);
+  }
+}
+
+void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* what, size_t i, bool checked);
+StepExtras check_options(const StepOptions& o, at::TensorList params, bool checked);
+bool skip_step(const StepOptions& o);
+float* master_of(const StepOptions& o, size_t i);
+StepOptions make_options(std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                         const std::optional<at::Tensor>& step_advance, at::IntArrayRef param_ids, int64_t sr_seed);
 }  // namespace fused_sched::cpu

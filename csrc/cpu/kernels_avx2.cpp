@@ -2,7 +2,7 @@
 // flags) after the headers whose inline functions other translation units share, so only code inside at::vec's
 // AVX2 inline namespace and our own AVX2 namespace is compiled for AVX2. It is picked at run time only when
 // the CPU reports AVX2 and FMA (optim_cpu.cpp).
-#include "optim_cpu_kernels.h"
+#include "kernel_table.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <c10/util/BFloat16.h>
@@ -30,7 +30,9 @@
 #define CPU_CAPABILITY AVX2
 #define FS_MATH_ABI math_avx2
 #define CPU_CAPABILITY_AVX2
-#include "optim_cpu_kernels_impl.h"
+#include "adam_kernels.h"
+#include "grad_norm_kernels.h"
+#include "sgd_kernels.h"
 #pragma GCC pop_options
 
 namespace fused_sched::cpu {

@@ -1,6 +1,6 @@
 // AVX-512 build of the CPU kernels (see optim_cpu_kernels_avx2.cpp for why a target pragma is used). Picked at
 // run time only when the CPU reports AVX512F, BW, VL and DQ (optim_cpu.cpp).
-#include "optim_cpu_kernels.h"
+#include "kernel_table.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <c10/util/BFloat16.h>
@@ -32,7 +32,9 @@
 #define CPU_CAPABILITY AVX512
 #define FS_MATH_ABI math_avx512
 #define CPU_CAPABILITY_AVX512
-#include "optim_cpu_kernels_impl.h"
+#include "adam_kernels.h"
+#include "grad_norm_kernels.h"
+#include "sgd_kernels.h"
 #pragma GCC pop_options
 
 namespace fused_sched::cpu {

@@ -2,7 +2,9 @@
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
 #endif
-#include "optim_cpu_kernels_impl.h"
+#include "adam_kernels.h"
+#include "grad_norm_kernels.h"
+#include "sgd_kernels.h"
 
 namespace fused_sched::cpu {
 const KernelTable* kernels_default() {

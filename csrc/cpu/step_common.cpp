@@ -1,6 +1,3 @@
-// CPU implementation of fused_sched::adam_step_ and fused_sched::sgd_step_: one call updates every tensor of
-// one (device, dtype) bucket, whatever param group each tensor belongs to. The work is cut into equal chunks
-// spread over at::parallel_for, each chunk run by the vectorized kernel of the best CPU capability.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,17 +12,10 @@
 #include "fused_sched/optim_math.h"
 #include "optim_checks.h"
 #include "fused_sched/schedule_math.h"
-#include "optim_cpu.h"
-#include "optim_cpu_kernels.h"
+#include "step_common.h"
 
 namespace fused_sched::cpu {
 namespace {
-
-// 16384-element chunks: with 2000 tensors of 256 elements and with GPT-2's 148 tensors both chunkings keep the
-// two threads within 1% of each other on this 2-core machine; larger chunks unbalance the small-model case.
-constexpr int64_t kChunkElements = 16384;
-// Below this many elements in all, waking the thread pool costs more than it saves (measured ~15 us per wake).
-constexpr int64_t kSerialElements = 32768;
 
 const KernelTable* best_kernels() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -38,6 +28,8 @@ const KernelTable* best_kernels() {
 #endif
   return kernels_default();
 }
+
+}  // namespace
 
 const KernelTable*& active_kernels() {
   static const KernelTable* table = [] {
@@ -107,13 +99,6 @@ at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tens
   return rows;
 }
 
-struct Bucket {
-  ParamType type;
-  std::vector<TensorSlot> slots;
-  std::vector<Chunk> chunks;
-  int64_t total = 0;
-};
-
 // checked: the caller (OptimBucket) has already checked every layout; the per-tensor comparisons are skipped and
 // only what memory safety needs (element counts) is kept.
 Bucket make_bucket(at::TensorList params, at::TensorList grads, bool checked) {
@@ -153,17 +138,6 @@ void make_chunks(Bucket& b) {
   }
 }
 
-template <typename Fn>
-void run_chunks(const Bucket& b, Fn&& fn) {
-  const int64_t n = static_cast<int64_t>(b.chunks.size());
-  if (n == 0) return;
-  if (b.total <= kSerialElements) {
-    fn(0, n);
-  } else {
-    at::parallel_for(0, n, 1, fn);
-  }
-}
-
 void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* what, size_t i, bool checked) {
   if (checked) {
     TORCH_CHECK(s.numel() == p.numel(), "fused_sched: ", what, "[", i, "] does not match its parameter");
@@ -172,6 +146,7 @@ void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* wha
   }
 }
 
+namespace {
 
 void check_scalar(const std::optional<at::Tensor>& t, at::ScalarType dtype, const char* what) {
   if (!t.has_value() || !t->defined()) return;
@@ -184,6 +159,8 @@ template <typename T>
 T scalar_or(const std::optional<at::Tensor>& t, T fallback) {
   return t.has_value() && t->defined() ? *t->data_ptr<T>() : fallback;
 }
+
+}  // namespace
 
 // Checks StepOptions (optim_cpu.h) against the call's params; returns the gradient pre-scaling.
 StepExtras check_options(const StepOptions& o, at::TensorList params, bool checked) {
@@ -233,8 +210,6 @@ float* master_of(const StepOptions& o, size_t i) {
   return m.defined() && m.numel() > 0 ? m.data_ptr<float>() : nullptr;
 }
 
-}  // namespace
-
 const KernelTable* find_kernels(const std::string& name) {
   const KernelTable* best = best_kernels();
   const KernelTable* candidates[] = {kernels_default(), kernels_avx2(), kernels_avx512()};
@@ -258,138 +233,6 @@ void set_cpu_capability(const std::string& name) {
   active_kernels() = t;
 }
 
-void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper_table,
-                   at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
-                   const std::optional<at::Tensor>& schedule_step, const StepOptions& options, bool checked) {
-  const size_t n = params.size();
-  // Every check runs before anything is written: a rejected call leaves parameters and state untouched.
-  check_hyper(hyper_table, group_index, n);
-  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/true);
-  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
-              "fused_sched: adam_step_ needs one exp_avg, exp_avg_sq and step per param (", n, " params, ",
-              exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
-  TORCH_CHECK(max_exp_avg_sqs.size() == n || max_exp_avg_sqs.empty(), "fused_sched: max_exp_avg_sqs has ",
-              max_exp_avg_sqs.size(), " entries for ", n, " params");
-  Bucket b = make_bucket(params, grads, checked);
-  const StepExtras extras = check_options(options, params, checked);
-  const double* table = hyper.data_ptr<double>();
-  std::vector<float> new_steps(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const double* row = table + group_index[i] * kHyperColumns;
-    const bool amsgrad = hyper_flags(row) & kAmsgrad;
-    check_float_state(p, exp_avgs[i], "exp_avgs", i, checked);
-    check_float_state(p, exp_avg_sqs[i], "exp_avg_sqs", i, checked);
-    b.slots[i].state0 = exp_avgs[i].data_ptr<float>();
-    b.slots[i].state1 = exp_avg_sqs[i].data_ptr<float>();
-    b.slots[i].state2 = nullptr;
-    if (amsgrad) {
-      TORCH_CHECK(!max_exp_avg_sqs.empty(), "fused_sched: amsgrad needs max_exp_avg_sqs");
-      check_float_state(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i, checked);
-      b.slots[i].state2 = max_exp_avg_sqs[i].data_ptr<float>();
-    }
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(checked || (s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1),
-                "fused_sched: steps[", i, "] must be a one-element float32 CPU tensor");
-    // torch keeps the step as float32 and adds 1 in float32 before reading it.
-    new_steps[i] = *s.data_ptr<float>() + 1.0f;
-    b.slots[i].hyper = row;
-    b.slots[i].step = static_cast<double>(new_steps[i]);
-    b.slots[i].master = master_of(options, i);
-    b.slots[i].stochastic = (hyper_flags(row) & kStochasticRounding) && b.slots[i].master == nullptr &&
-                            b.type == ParamType::kBFloat16;
-    if (b.slots[i].stochastic) {
-      const int64_t id = options.param_ids.empty() ? static_cast<int64_t>(i) : options.param_ids[i];
-      b.slots[i].rounding_key = rounding_key(static_cast<uint64_t>(options.sr_seed),
-                                             static_cast<uint32_t>(new_steps[i]), static_cast<uint32_t>(id));
-    }
-  }
-  if (skip_step(options)) return;
-  make_chunks(b);
-  const KernelTable* k = active_kernels();
-  run_chunks(b, [&](int64_t first, int64_t last) {
-    k->adam_chunks(b.type, b.slots.data(), b.chunks.data(), extras, first, last);
-  });
-  for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
-}
-
-void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  const at::Tensor& hyper_table, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
-                  const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
-                  const StepOptions& options, bool checked) {
-  const size_t n = params.size();
-  check_hyper(hyper_table, group_index, n);
-  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/false);
-  TORCH_CHECK(momentum_buffers.size() == n || momentum_buffers.empty(), "fused_sched: momentum_buffers has ",
-              momentum_buffers.size(), " entries for ", n, " params");
-  TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
-              " params");
-  Bucket b = make_bucket(params, grads, checked);
-  const StepExtras extras = check_options(options, params, checked);
-  const double* table = hyper.data_ptr<double>();
-  for (size_t i = 0; i < n; ++i) {
-    const double* row = table + group_index[i] * kHyperColumns;
-    b.slots[i].hyper = row;
-    b.slots[i].master = master_of(options, i);
-    b.slots[i].stochastic = false;  // SGD keeps no step to draw rounding bits from
-    b.slots[i].fresh = fresh_buffers[i] != 0;
-    b.slots[i].state0 = nullptr;
-    if (row[kMomentum] != 0.0) {
-      TORCH_CHECK(!momentum_buffers.empty(), "fused_sched: momentum needs momentum_buffers");
-      check_float_state(params[i], momentum_buffers[i], "momentum_buffers", i, checked);
-      b.slots[i].state0 = momentum_buffers[i].data_ptr<float>();
-    }
-    b.slots[i].state1 = b.slots[i].state2 = nullptr;
-  }
-  if (skip_step(options)) return;
-  make_chunks(b);
-  const KernelTable* k = active_kernels();
-  run_chunks(b, [&](int64_t first, int64_t last) {
-    k->sgd_chunks(b.type, b.slots.data(), b.chunks.data(), extras, first, last);
-  });
-}
-
-double grad_norm_accumulate_cpu(at::TensorList grads, double norm_type, double grad_scale) {
-  TORCH_CHECK(norm_type > 0.0, "fused_sched: norm_type must be positive or inf, got ", norm_type);
-  std::vector<Chunk> chunks;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.device().is_cpu() && g.is_non_overlapping_and_dense(), "fused_sched: grads[", i,
-                "] must be a dense CPU tensor");
-    for (int64_t s = 0; s < g.numel(); s += kChunkElements) {
-      chunks.push_back({static_cast<int64_t>(i), s, std::min(g.numel(), s + kChunkElements)});
-    }
-  }
-  const float scale = static_cast<float>(grad_scale);
-  const bool divide = grad_scale != 1.0;  // x / 1 == x: skipping the division changes no bit
-  const KernelTable* k = active_kernels();
-  // One partial per chunk, combined in chunk order: the result does not depend on the thread count.
-  std::vector<double> partial(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const Chunk& ch = chunks[c];
-      const at::Tensor& g = grads[ch.tensor];
-      partial[c] = k->grad_norm(param_type(g.scalar_type()), g.data_ptr(), ch.begin, ch.end, norm_type, scale,
-                                divide);
-    }
-  });
-  return combine_norm_parts(partial, norm_type);
-}
-
-double combine_norm_parts(const std::vector<double>& parts, double norm_type) {
-  const bool inf_norm = std::isinf(norm_type);
-  double total = 0.0;
-  for (double p : parts) {
-    if (inf_norm) {
-      total = (std::isnan(p) || std::isnan(total)) ? NAN : std::max(total, p);
-    } else {
-      total += p;
-    }
-  }
-  return total;
-}
-
 at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step) {
   TORCH_CHECK(schedule.device().is_cpu() && schedule.scalar_type() == at::kDouble && schedule.dim() == 3 &&
                   schedule.size(2) == kScheduleColumns,
@@ -406,7 +249,6 @@ at::Tensor evaluate_schedule_cpu(const at::Tensor& schedule, const at::Tensor& s
   return out;
 }
 
-namespace {
 // The registered operators check everything; OptimBucket calls the same functions with checked = true.
 StepOptions make_options(std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
@@ -422,35 +264,8 @@ StepOptions make_options(std::optional<at::TensorList> master_params, const std:
   return o;
 }
 
-void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                  at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
-                  at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
-                  const std::optional<at::Tensor>& schedule_step, std::optional<at::TensorList> master_params,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                  const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
-                  at::IntArrayRef param_ids, int64_t sr_seed) {
-  adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, group_index, schedule,
-                schedule_step,
-                make_options(master_params, grad_scale, found_inf, clip_coef, step_advance, param_ids, sr_seed),
-                /*checked=*/false);
-}
-
-void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                 const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
-                 const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
-                 std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
-                 const std::optional<at::Tensor>& step_advance) {
-  sgd_step_cpu(params, grads, momentum_buffers, hyper, group_index, fresh_buffers, schedule, schedule_step,
-               make_options(master_params, grad_scale, found_inf, clip_coef, step_advance, at::IntArrayRef(), 0),
-               /*checked=*/false);
-}
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fused_sched, CPU, m) {
   m.impl("evaluate_schedule", &evaluate_schedule_cpu);
-  m.impl("adam_step_", &adam_step_op);
-  m.impl("sgd_step_", &sgd_step_op);
 }
 
 }  // namespace fused_sched::cpu

@@ -1,0 +1,93 @@
+// CPU implementation of fused_sched::adam_step_ and fused_sched::sgd_step_: one call updates every tensor of
+// one (device, dtype) bucket, whatever param group each tensor belongs to. The work is cut into equal chunks
+// spread over at::parallel_for, each chunk run by the vectorized kernel of the best CPU capability.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "adam.h"
+#include "fused_sched/optim_math.h"
+#include "optim_checks.h"
+#include "step_common.h"
+
+namespace fused_sched::cpu {
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper_table,
+                   at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
+                   const std::optional<at::Tensor>& schedule_step, const StepOptions& options, bool checked) {
+  const size_t n = params.size();
+  // Every check runs before anything is written: a rejected call leaves parameters and state untouched.
+  check_hyper(hyper_table, group_index, n);
+  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/true);
+  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "fused_sched: adam_step_ needs one exp_avg, exp_avg_sq and step per param (", n, " params, ",
+              exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
+  TORCH_CHECK(max_exp_avg_sqs.size() == n || max_exp_avg_sqs.empty(), "fused_sched: max_exp_avg_sqs has ",
+              max_exp_avg_sqs.size(), " entries for ", n, " params");
+  Bucket b = make_bucket(params, grads, checked);
+  const StepExtras extras = check_options(options, params, checked);
+  const double* table = hyper.data_ptr<double>();
+  std::vector<float> new_steps(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const double* row = table + group_index[i] * kHyperColumns;
+    const bool amsgrad = hyper_flags(row) & kAmsgrad;
+    check_float_state(p, exp_avgs[i], "exp_avgs", i, checked);
+    check_float_state(p, exp_avg_sqs[i], "exp_avg_sqs", i, checked);
+    b.slots[i].state0 = exp_avgs[i].data_ptr<float>();
+    b.slots[i].state1 = exp_avg_sqs[i].data_ptr<float>();
+    b.slots[i].state2 = nullptr;
+    if (amsgrad) {
+      TORCH_CHECK(!max_exp_avg_sqs.empty(), "fused_sched: amsgrad needs max_exp_avg_sqs");
+      check_float_state(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i, checked);
+      b.slots[i].state2 = max_exp_avg_sqs[i].data_ptr<float>();
+    }
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(checked || (s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1),
+                "fused_sched: steps[", i, "] must be a one-element float32 CPU tensor");
+    // torch keeps the step as float32 and adds 1 in float32 before reading it.
+    new_steps[i] = *s.data_ptr<float>() + 1.0f;
+    b.slots[i].hyper = row;
+    b.slots[i].step = static_cast<double>(new_steps[i]);
+    b.slots[i].master = master_of(options, i);
+    b.slots[i].stochastic = (hyper_flags(row) & kStochasticRounding) && b.slots[i].master == nullptr &&
+                            b.type == ParamType::kBFloat16;
+    if (b.slots[i].stochastic) {
+      const int64_t id = options.param_ids.empty() ? static_cast<int64_t>(i) : options.param_ids[i];
+      b.slots[i].rounding_key = rounding_key(static_cast<uint64_t>(options.sr_seed),
+                                             static_cast<uint32_t>(new_steps[i]), static_cast<uint32_t>(id));
+    }
+  }
+  if (skip_step(options)) return;
+  make_chunks(b);
+  const KernelTable* k = active_kernels();
+  run_chunks(b, [&](int64_t first, int64_t last) {
+    k->adam_chunks(b.type, b.slots.data(), b.chunks.data(), extras, first, last);
+  });
+  for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
+}
+
+namespace {
+void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
+                  at::IntArrayRef group_index, const std::optional<at::Tensor>& schedule,
+                  const std::optional<at::Tensor>& schedule_step, std::optional<at::TensorList> master_params,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
+                  at::IntArrayRef param_ids, int64_t sr_seed) {
+  adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, group_index, schedule,
+                schedule_step,
+                make_options(master_params, grad_scale, found_inf, clip_coef, step_advance, param_ids, sr_seed),
+                /*checked=*/false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_sched, CPU, m) {
+  m.impl("adam_step_", &adam_step_op);
+}
+
+}  // namespace fused_sched::cpu

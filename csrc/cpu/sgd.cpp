@@ -1,0 +1,67 @@
+// CPU implementation of fused_sched::sgd_step_ (see adam.cpp for how the work is spread).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "fused_sched/optim_math.h"
+#include "sgd.h"
+#include "step_common.h"
+
+namespace fused_sched::cpu {
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  const at::Tensor& hyper_table, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
+                  const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                  const StepOptions& options, bool checked) {
+  const size_t n = params.size();
+  check_hyper(hyper_table, group_index, n);
+  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/false);
+  TORCH_CHECK(momentum_buffers.size() == n || momentum_buffers.empty(), "fused_sched: momentum_buffers has ",
+              momentum_buffers.size(), " entries for ", n, " params");
+  TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
+              " params");
+  Bucket b = make_bucket(params, grads, checked);
+  const StepExtras extras = check_options(options, params, checked);
+  const double* table = hyper.data_ptr<double>();
+  for (size_t i = 0; i < n; ++i) {
+    const double* row = table + group_index[i] * kHyperColumns;
+    b.slots[i].hyper = row;
+    b.slots[i].master = master_of(options, i);
+    b.slots[i].stochastic = false;  // SGD keeps no step to draw rounding bits from
+    b.slots[i].fresh = fresh_buffers[i] != 0;
+    b.slots[i].state0 = nullptr;
+    if (row[kMomentum] != 0.0) {
+      TORCH_CHECK(!momentum_buffers.empty(), "fused_sched: momentum needs momentum_buffers");
+      check_float_state(params[i], momentum_buffers[i], "momentum_buffers", i, checked);
+      b.slots[i].state0 = momentum_buffers[i].data_ptr<float>();
+    }
+    b.slots[i].state1 = b.slots[i].state2 = nullptr;
+  }
+  if (skip_step(options)) return;
+  make_chunks(b);
+  const KernelTable* k = active_kernels();
+  run_chunks(b, [&](int64_t first, int64_t last) {
+    k->sgd_chunks(b.type, b.slots.data(), b.chunks.data(), extras, first, last);
+  });
+}
+
+namespace {
+void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 const at::Tensor& hyper, at::IntArrayRef group_index, at::IntArrayRef fresh_buffers,
+                 const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+                 std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                 const std::optional<at::Tensor>& step_advance) {
+  sgd_step_cpu(params, grads, momentum_buffers, hyper, group_index, fresh_buffers, schedule, schedule_step,
+               make_options(master_params, grad_scale, found_inf, clip_coef, step_advance, at::IntArrayRef(), 0),
+               /*checked=*/false);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_sched, CPU, m) {
+  m.impl("sgd_step_", &sgd_step_op);
+}
+
+}  // namespace fused_sched::cpu
