@@ -1,7 +1,8 @@
 """Checks a build of fused_sched against a CUDA build of torch (no GPU needed): the CUDA kernels are compiled in,
-and every operator the CUDA glue registers (csrc/cuda/optim_cuda_torch.cpp, TORCH_LIBRARY_IMPL(fused_sched, CUDA))
-has its CUDA kernel in the dispatcher, as has every fused_sched operator but the host-only ones below."""
+and every operator the CUDA glue registers (csrc/cuda/*_torch.cpp, TORCH_LIBRARY_IMPL(fused_sched, CUDA), one block
+per glue file) has its CUDA kernel in the dispatcher, as has every fused_sched operator but the host-only ones below."""
 
+import glob
 import os
 import re
 import sys
@@ -25,13 +26,14 @@ def main() -> int:
         problems.append("torch is not a CUDA build")
     if not ext.cuda_compiled():
         problems.append("fused_sched was built without its CUDA kernels")
-    with open(os.path.join(ROOT, "csrc", "cuda", "optim_cuda_torch.cpp")) as f:
-        glue = f.read()
-    block = re.search(r"TORCH_LIBRARY_IMPL\(fused_sched, CUDA, m\) \{(.*?)\n\}", glue, re.S)
-    names = re.findall(r'm\.impl\("(\w+)"', block.group(1)) if block else []
-    registered = {f"fused_sched::{name}" for name in names}
+    registered = set()
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_torch.cpp"))):
+        with open(path) as f:
+            glue = f.read()
+        for block in re.findall(r"TORCH_LIBRARY_IMPL\(fused_sched, CUDA, m\) \{(.*?)\n\}", glue, re.S):
+            registered |= {f"fused_sched::{name}" for name in re.findall(r'm\.impl\("(\w+)"', block)}
     if not registered:
-        problems.append("no CUDA registration found in csrc/cuda/optim_cuda_torch.cpp")
+        problems.append("no CUDA registration found in csrc/cuda/*_torch.cpp")
     ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_sched::"))
     for op in ops:
         cuda = torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")

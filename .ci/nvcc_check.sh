@@ -24,7 +24,7 @@ for src in "${sources[@]}"; do
     -c "$src" -o "$out/$(basename "$src").o"
 done
 
-# The torch glue (csrc/cuda/optim_cuda_torch.cpp) is built only against a CUDA build of torch. A CPU build of torch
+# The torch glue (csrc/cuda/*_torch.cpp) is built only against a CUDA build of torch. A CPU build of torch
 # ships every header it includes except c10/cuda/impl/cuda_cmake_macros.h, which torch's CUDA build generates (one
 # macro, C10_CUDA_BUILD_SHARED_LIBS). With that one header stubbed, g++ -fsyntax-only type-checks the glue
 # against the installed torch's headers and CUDA's. (An operator's schema is matched with its C++ signature when

@@ -12,7 +12,7 @@ produce, i.e. adam_kernel and sgd_kernel for 3 parameter dtypes x {schedule, Gra
 145 per architecture, compiled with ``triton.compile`` for a ``GPUTarget`` of sm_90 and sm_80, with the options
 the launchers pass (num_warps, enable_fp_fusion=False) and the divisibility-by-16 that Triton gives the pointer
 arguments of torch tensors. Triton picks its own ptxas per architecture; the cubins are read with the
-cuobjdump shipped beside it (-res-usage, -sass). CUDA: csrc/cuda/optim_cuda.cu compiled with the project's nvcc
+cuobjdump shipped beside it (-res-usage, -sass). CUDA: each csrc/cuda/*.cu compiled with the project's nvcc
 flags and ``-Xptxas -v`` for each architecture.
 
 Columns: regs (per thread), local st/ld (Triton: bytes of the STL / LDL instructions in SASS, register spills or
@@ -245,18 +245,21 @@ def cuda_rows(archs) -> list[dict]:
         return [{"kernel": "csrc/cuda/*.cu", "spec": "-", "arch": a, "error": note} for a in archs]
     nvcc = os.path.join(home, "bin", "nvcc")
     flags = [f for f in _sources.NVCC_FLAGS if not f.startswith("-gencode")]
-    source = os.path.join(ROOT, "csrc", "cuda", "optim_cuda.cu")
-    threads = int(re.search(r"constexpr int kThreads = (\d+);", open(source).read()).group(1))
-    asked = {k: int(v) for k, v in re.findall(r"constexpr int (k\w*BlocksPerSm) = (\d+);", open(source).read())}
-    rows = []
-    for arch in archs:
+    # One translation unit per kernel source (adam.cu, sgd.cu, grad_norm.cu, ...); the launch constants live in
+    # them and in the shared kernel_common.cuh.
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    text = "".join(open(p).read() for p in sources + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))))
+    threads = int(re.search(r"constexpr int kThreads = (\d+);", text).group(1))
+    asked = {k: int(v) for k, v in re.findall(r"constexpr int (k\w*BlocksPerSm) = (\d+);", text)}
+    rows, libm_frames = [], {}
+    for arch, source in itertools.product(archs, sources):
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "k.cubin")
             cmd = [nvcc, "-std=c++17", *flags, f"-I{os.path.join(ROOT, 'csrc', 'include')}", f"-arch=sm_{arch}",
                    "-cubin", "-Xptxas", "-v", source, "-o", cubin]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                rows.append({"kernel": "optim_cuda.cu", "spec": "-", "arch": arch,
+                rows.append({"kernel": os.path.basename(source), "spec": "-", "arch": arch,
                              "error": done.stderr.strip().splitlines()[-1][:200]})
                 continue
             # ptxas -v: the register spills of each entry function (a libm slow path's local array is no spill).
@@ -268,7 +271,9 @@ def cuda_rows(archs) -> list[dict]:
                 m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
                 if m and current:
                     spills[current] = (int(m.group(1)), int(m.group(2)))
-            libm = _libm_frame(nvcc, arch, tmp)
+            if arch not in libm_frames:
+                libm_frames[arch] = _libm_frame(nvcc, arch, tmp)
+            libm = libm_frames[arch]
             for mangled, info in read_cubin(cubin).items():
                 info["spill_st"], info["spill_ld"] = spills.get(mangled, (info["spill_st"], info["spill_ld"]))
                 info["libm_stack"] = libm

@@ -1,9 +1,9 @@
-"""The CUDA kernels of csrc/cuda/optim_cuda.cu, run on the host: how CI tests the CUDA backend without a GPU.
+"""The CUDA kernels of csrc/cuda/*.cu, run on the host: how CI tests the CUDA backend without a GPU.
 
-``install()`` builds the kernel source with g++ against tests/cuda_host/ (emu.h: one std::thread per CUDA thread,
+``install()`` builds the kernel sources with g++ against tests/cuda_host/ (emu.h: one std::thread per CUDA thread,
 blocks one after another, barriers and atomics as on a GPU; the CUDA headers it stands in for), loads it with
 ctypes, registers it as the CPU implementation of the CUDA table operators (``fused_sched::cuda_adam_tables_``,
-``cuda_sgd_tables_``, ``cuda_grad_norm_tables_``; their CUDA implementation is csrc/cuda/optim_cuda_torch.cpp) and
+``cuda_sgd_tables_``, ``cuda_grad_norm_tables_``; their CUDA implementation is csrc/cuda/*_torch.cpp) and
 lets ``backend="cuda"`` run CPU tensors (``fused_sched.backends.enable_cuda_host_emulation``). The optimizers then
 drive the real kernel source through their real CUDA runner (fused_sched/backends/cuda_backend.py): tables,
 chunk map, ticket counter, flags and options exactly as on a GPU.
@@ -31,7 +31,8 @@ from fused_sched._extension import load_extension
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_DIR = Path(__file__).resolve().parent / "cuda_host"
-KERNEL_SOURCE = ROOT / "csrc" / "cuda" / "optim_cuda.cu"
+# One translation unit per kernel source, as in the GPU build.
+KERNEL_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 # Everything the host build reads: a change to any of them builds it again.
 INPUTS = [*sorted((ROOT / "csrc" / "cuda").glob("*.cu*")), *sorted((ROOT / "csrc" / "cuda").glob("*.h")),
           *sorted((ROOT / "csrc" / "include" / "fused_sched").glob("*.h")), *sorted(HOST_DIR.iterdir())]
@@ -39,16 +40,16 @@ INPUTS = [*sorted((ROOT / "csrc" / "cuda").glob("*.cu*")), *sorted((ROOT / "csrc
 # SMs of the emulated device: the update launches run min(n_chunks, 2 * SMS) blocks, the norm pass 4 * SMS, so
 # a bucket of a few chunks already exercises the persistent loop and the last-block ticket.
 SMS = 2
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # optim_cuda.h ParamDtype
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # launch_common.h ParamDtype
 _LAUNCH = re.compile(r"([A-Za-z_]\w*<[^<>;]*>)<<<\s*(\w+),\s*(\w+),\s*0,\s*stream\s*>>>\((\w+)\)")
 
 
-def _emulated_source() -> str:
-    """optim_cuda.cu with each `kernel<...><<<grid, threads, 0, stream>>>(args)` written as an emu_launch call."""
-    text = KERNEL_SOURCE.read_text()
+def _emulated_source(source: Path) -> str:
+    """A kernel source with each `kernel<...><<<grid, threads, 0, stream>>>(args)` written as an emu_launch call."""
+    text = source.read_text()
     rewritten, count = _LAUNCH.subn(r"emu_launch(\2, \3, \1, \4)", text)
     if count == 0 or count != text.count("<<<"):
-        raise RuntimeError(f"{KERNEL_SOURCE}: {text.count('<<<')} launches, {count} rewritten for the host build; "
+        raise RuntimeError(f"{source}: {text.count('<<<')} launches, {count} rewritten for the host build; "
                            "teach cuda_host_emulation._LAUNCH the new launch form")
     return rewritten
 
@@ -65,13 +66,16 @@ def build() -> Path:
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out_dir))
-    (work / "optim_cuda_host.cpp").write_text(_emulated_source())
+    units = []
+    for source in KERNEL_SOURCES:
+        units.append(work / f"{source.stem}_host.cpp")
+        units[-1].write_text(_emulated_source(source))
     shutil.copy(HOST_DIR / "bindings.cpp", work / "bindings.cpp")
     compiler = os.environ.get("CXX", "g++")
     # -ffp-contract=off: nvcc builds the kernels with --fmad=false (only explicit fmaf calls fuse).
     command = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
                f"-I{HOST_DIR}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
-               str(work / "bindings.cpp"), "-o", str(work / "libcuda_host.so")]
+               *map(str, units), str(work / "bindings.cpp"), "-o", str(work / "libcuda_host.so")]
     subprocess.run(command, check=True, capture_output=True, text=True)
     library.parent.mkdir(parents=True, exist_ok=True)
     os.replace(work / "libcuda_host.so", library)  # atomic: concurrent test processes see a whole file
@@ -101,7 +105,7 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _check_tables(table: torch.Tensor, chunks: torch.Tensor, chunk_elements: int) -> None:
-    # The glue's check_tables (csrc/cuda/optim_cuda_torch.cpp), for CPU tensors.
+    # The glue's check_tables (csrc/cuda/common_torch.cpp), for CPU tensors.
     if not (table.dtype == torch.int64 and table.dim() == 2 and table.shape[1] == 10 and table.is_contiguous()):
         raise ValueError(f"table must be a contiguous int64 tensor [rows, 10], got {table.dtype} {list(table.shape)}")
     if not (chunks.dtype == torch.int64 and chunks.dim() == 2 and chunks.shape[1] == 2 and chunks.is_contiguous()):

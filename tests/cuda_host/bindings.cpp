@@ -1,7 +1,10 @@
-// C entry points of the host build of csrc/cuda/optim_cuda.cu (tests/cuda_host_emulation.py): the launchers of
-// optim_cuda.h behind plain C signatures for ctypes. The launch syntax of the kernel source is rewritten into
-// emu_launch calls before this file includes it (cuda_host_emulation.py, _emulated_source).
-#include "optim_cuda_host.cpp"
+// C entry points of the host build of csrc/cuda/*.cu (tests/cuda_host_emulation.py): the launchers of adam.h,
+// sgd.h and grad_norm.h behind plain C signatures for ctypes. The launch syntax of each kernel source is rewritten
+// into emu_launch calls and the result compiled beside this file (cuda_host_emulation.py, _emulated_source).
+#include "adam.h"
+#include "emu.h"
+#include "grad_norm.h"
+#include "sgd.h"
 
 using fused_sched::cuda::ParamDtype;
 using fused_sched::cuda::StepOptions;

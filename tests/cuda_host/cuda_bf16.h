@@ -1,3 +1,3 @@
-// Host emulation of the CUDA headers optim_cuda.cu includes (tests/cuda_host_emulation.py).
+// Host emulation of the CUDA headers csrc/cuda/*.cu include (tests/cuda_host_emulation.py).
 #pragma once
 #include "emu.h"

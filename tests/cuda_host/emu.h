@@ -1,4 +1,4 @@
-// Host emulation of the CUDA features csrc/cuda/optim_cuda.cu uses, so that its kernels run on a machine without
+// Host emulation of the CUDA features csrc/cuda/*.cu use, so that their kernels run on a machine without
 // a GPU (tests/cuda_host_emulation.py builds them with g++ and compares them with the CPU and Triton backends).
 //
 // Model: a launch runs its blocks one after another; a block runs one std::thread per CUDA thread, so

@@ -1,0 +1,132 @@
+// CUDA kernel of the fused Adam / AdamW step over one bucket's tables (kernel_common.cuh: the shared device
+// code and numerics; launch_common.h: the tables).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "adam.h"
+#include "fused_sched/adam_math.h"
+#include "kernel_common.cuh"
+
+namespace fused_sched::cuda {
+namespace {
+
+template <int N>
+__device__ __forceinline__ void adam_elements(float (&p)[N], float (&g)[N], float (&m)[N], float (&v)[N],
+                                              float (&vmax)[N], const AdamCoeffs<float>& c) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) adam_element(p[i], g[i], m[i], v[i], vmax[i], c);
+}
+
+template <typename P>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_tables_kernel(KernelArgs a) {
+  using Bits = typename ParamTraits<P>::Bits;
+  using Access = ParamAccess<P, /*kAllowStochastic=*/true>;
+  using V = Vec<P>;
+  constexpr int kN = V::kN;
+  const bool skipped = step_skipped(a);
+  const GradPrescale<float> pre = load_prescale(a);
+  for (int64_t c = blockIdx.x; !skipped && c < a.n_chunks; c += gridDim.x) {
+    const int64_t row_index = a.chunks[2 * c];
+    const int64_t start = a.chunks[2 * c + 1];
+    const int64_t* entry = a.table + row_index * kTableColumns;
+    Access param{as_ptr<Bits>(entry[kColParam]), as_ptr<float>(entry[kColMaster]), false, 0u};
+    Bits* const grad = as_ptr<Bits>(entry[kColGrad]);  // written back when prescaled (as torch's fused kernels do)
+    float* const exp_avg = as_ptr<float>(entry[kColState0]);
+    float* const exp_avg_sq = as_ptr<float>(entry[kColState1]);
+    float* const max_exp_avg_sq = as_ptr<float>(entry[kColState2]);
+    const float* const step_ptr = as_ptr<const float>(entry[kColStep]);
+    const int64_t numel = entry[kColNumel];
+    const int64_t group = entry[kColGroup];
+
+    double row[kHyperColumns];
+    load_effective_row(a.hyper, group, a.schedule, a.schedule_segments, a.schedule_step, /*adam=*/true, row);
+    // The float32 step after torch's increment.
+    const float new_step = *step_ptr + 1.0f;
+    const AdamCoeffs<float> coeffs = adam_coeffs(row, static_cast<double>(new_step));
+    if constexpr (Access::kCanRoundStochastically) {
+      if ((coeffs.flags & kStochasticRounding) && param.master == nullptr) {
+        param.stochastic = true;
+        param.key = rounding_key(a.sr_seed, static_cast<uint32_t>(new_step),
+                                 static_cast<uint32_t>(entry[kColParamId]));
+      }
+    }
+    // A missing max_exp_avg_sq (the host cannot read the flags without a sync) leaves amsgrad's maximum over a
+    // zero buffer, i.e. plain Adam; the Python side always passes it for amsgrad groups.
+    const bool amsgrad = (coeffs.flags & kAmsgrad) && max_exp_avg_sq != nullptr;
+
+    const int64_t end = start + a.chunk_elements < numel ? start + a.chunk_elements : numel;
+    int64_t tail = start;
+    if (aligned16(param.param + start) && aligned16(grad + start) && aligned16(exp_avg + start) &&
+        aligned16(exp_avg_sq + start) && (!amsgrad || aligned16(max_exp_avg_sq + start)) &&
+        (param.master == nullptr || aligned16(param.master + start))) {
+      const int64_t n_vec = (end - start) / kN;
+      for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+        const int64_t i = start + j * kN;
+        float p[kN], g[kN], m[kN], v[kN], vmax[kN];
+        param.load(i, p);
+        V::load(grad + i, g);
+        load_floats(exp_avg + i, m);
+        load_floats(exp_avg_sq + i, v);
+        if (amsgrad) {
+          load_floats(max_exp_avg_sq + i, vmax);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kN; ++k) vmax[k] = 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kN; ++k) g[k] = prescale_grad(g[k], pre);
+        if (pre.divide || pre.multiply) V::store(grad + i, g);
+        adam_elements(p, g, m, v, vmax, coeffs);
+        param.store(i, p);
+        store_floats(exp_avg + i, m);
+        store_floats(exp_avg_sq + i, v);
+        if (amsgrad) store_floats(max_exp_avg_sq + i, vmax);
+      }
+      tail = start + n_vec * kN;
+    }
+    for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
+      float p = param.load_one(i);
+      const float g = prescale_grad(ParamTraits<P>::to_float(grad[i]), pre);
+      if (pre.divide || pre.multiply) grad[i] = ParamTraits<P>::from_float(g);
+      float m = exp_avg[i], v = exp_avg_sq[i];
+      float vmax = amsgrad ? max_exp_avg_sq[i] : 0.0f;
+      adam_element(p, g, m, v, vmax, coeffs);
+      param.store_one(i, p);
+      exp_avg[i] = m;
+      exp_avg_sq[i] = v;
+      if (amsgrad) max_exp_avg_sq[i] = vmax;
+    }
+  }
+  finish<true>(a, skipped);
+}
+
+cudaError_t launch(ParamDtype dtype, const KernelArgs& args, cudaStream_t stream) {
+  unsigned int grid = 1;
+  cudaError_t err = grid_size(args.n_chunks, kBlocksPerSm, &grid);
+  if (err != cudaSuccess) return err;
+  const bool known = dispatch_dtype(dtype, [&](auto tag) {
+    using P = decltype(tag);
+    adam_tables_kernel<P><<<grid, kThreads, 0, stream>>>(args);
+  });
+  if (!known) return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_adam_tables(ParamDtype param_dtype, const int64_t* table, int64_t n_rows, const int64_t* chunks,
+                               int64_t n_chunks, int64_t chunk_elements, const double* hyper, const double* schedule,
+                               int64_t schedule_segments, const double* schedule_step, int32_t* counter,
+                               cudaStream_t stream, const StepOptions& options) {
+  cudaError_t err = check_args(table, n_rows, chunks, n_chunks, chunk_elements, hyper, schedule, schedule_segments,
+                               schedule_step, counter);
+  if (err != cudaSuccess || n_rows == 0) return err;
+  // The Adam kernel never writes the table (it writes the step tensors the table points to).
+  return launch(param_dtype,
+                make_args(const_cast<int64_t*>(table), n_rows, chunks, n_chunks, chunk_elements, hyper,
+                          schedule, schedule_segments, schedule_step, counter, options),
+                stream);
+}
+
+}  // namespace fused_sched::cuda

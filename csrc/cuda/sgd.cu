@@ -1,0 +1,110 @@
+// CUDA kernel of the fused SGD step over one bucket's tables (kernel_common.cuh: the shared device code and
+// numerics; launch_common.h: the tables).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fused_sched/sgd_math.h"
+#include "kernel_common.cuh"
+#include "sgd.h"
+
+namespace fused_sched::cuda {
+namespace {
+
+template <typename P>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(KernelArgs a) {
+  using Bits = typename ParamTraits<P>::Bits;
+  using Access = ParamAccess<P, /*kAllowStochastic=*/false>;
+  using V = Vec<P>;
+  constexpr int kN = V::kN;
+  const bool skipped = step_skipped(a);
+  const GradPrescale<float> pre = load_prescale(a);
+  for (int64_t c = blockIdx.x; !skipped && c < a.n_chunks; c += gridDim.x) {
+    const int64_t row_index = a.chunks[2 * c];
+    const int64_t start = a.chunks[2 * c + 1];
+    const int64_t* entry = a.table + row_index * kTableColumns;
+    const Access param{as_ptr<Bits>(entry[kColParam]), as_ptr<float>(entry[kColMaster]), false, 0u};
+    Bits* const grad = as_ptr<Bits>(entry[kColGrad]);  // written back when prescaled
+    float* const buf_ptr = as_ptr<float>(entry[kColState0]);
+    const bool fresh = entry[kColStep] != 0;
+    const int64_t numel = entry[kColNumel];
+    const int64_t group = entry[kColGroup];
+
+    double row[kHyperColumns];
+    load_effective_row(a.hyper, group, a.schedule, a.schedule_segments, a.schedule_step, /*adam=*/false, row);
+    const SgdCoeffs<float> coeffs = sgd_coeffs(row);
+    // With momentum the buffer is written, and read unless fresh. A missing buffer (the host cannot read the
+    // momentum without a sync) acts as a fresh one that is not kept; the Python side always passes it.
+    const bool write_buf = coeffs.has_momentum && buf_ptr != nullptr;
+    const bool read_buf = write_buf && !fresh;
+    const bool element_fresh = fresh || buf_ptr == nullptr;
+
+    const int64_t end = start + a.chunk_elements < numel ? start + a.chunk_elements : numel;
+    int64_t tail = start;
+    if (aligned16(param.param + start) && aligned16(grad + start) && (!write_buf || aligned16(buf_ptr + start)) &&
+        (param.master == nullptr || aligned16(param.master + start))) {
+      const int64_t n_vec = (end - start) / kN;
+      for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+        const int64_t i = start + j * kN;
+        float p[kN], g[kN], buf[kN];
+        param.load(i, p);
+        V::load(grad + i, g);
+        if (read_buf) {
+          load_floats(buf_ptr + i, buf);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kN; ++k) buf[k] = 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kN; ++k) g[k] = prescale_grad(g[k], pre);
+        if (pre.divide || pre.multiply) V::store(grad + i, g);
+#pragma unroll
+        for (int k = 0; k < kN; ++k) sgd_element(p[k], g[k], buf[k], element_fresh, coeffs);
+        param.store(i, p);
+        if (write_buf) store_floats(buf_ptr + i, buf);
+      }
+      tail = start + n_vec * kN;
+    }
+    for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
+      float p = param.load_one(i);
+      const float g = prescale_grad(ParamTraits<P>::to_float(grad[i]), pre);
+      if (pre.divide || pre.multiply) grad[i] = ParamTraits<P>::from_float(g);
+      float buf = read_buf ? buf_ptr[i] : 0.0f;
+      sgd_element(p, g, buf, element_fresh, coeffs);
+      param.store_one(i, p);
+      if (write_buf) buf_ptr[i] = buf;
+    }
+  }
+  finish<false>(a, skipped);
+}
+
+cudaError_t launch(ParamDtype dtype, const KernelArgs& args, cudaStream_t stream) {
+  unsigned int grid = 1;
+  cudaError_t err = grid_size(args.n_chunks, kBlocksPerSm, &grid);
+  if (err != cudaSuccess) return err;
+  const bool known = dispatch_dtype(dtype, [&](auto tag) {
+    using P = decltype(tag);
+    sgd_tables_kernel<P><<<grid, kThreads, 0, stream>>>(args);
+  });
+  if (!known) return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_sgd_tables(ParamDtype param_dtype, int64_t* table, int64_t n_rows, const int64_t* chunks,
+                              int64_t n_chunks, int64_t chunk_elements, const double* hyper, const double* schedule,
+                              int64_t schedule_segments, const double* schedule_step, int32_t* counter,
+                              cudaStream_t stream, const StepOptions& options) {
+  cudaError_t err = check_args(table, n_rows, chunks, n_chunks, chunk_elements, hyper, schedule, schedule_segments,
+                               schedule_step, counter);
+  if (err != cudaSuccess || n_rows == 0) return err;
+  StepOptions sgd_options = options;
+  sgd_options.sr_seed = 0;  // SGD never rounds stochastically
+  return launch(param_dtype,
+                make_args(table, n_rows, chunks, n_chunks, chunk_elements, hyper, schedule,
+                          schedule_segments, schedule_step, counter, sgd_options),
+                stream);
+}
+
+}  // namespace fused_sched::cuda
