@@ -24,10 +24,10 @@ TORCH_LIBRARY(fused_sched, m) {
       "Tensor? schedule=None, Tensor? schedule_step=None, Tensor(f!)[]? master_params=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(g!)? step_advance=None, "
       "int[] param_ids=[], int sr_seed=0) -> ()");
-  // master_params .. sr_seed: the large-model options (optim_cpu.h StepOptions): float32 master copies (an empty
-  // tensor where a param has none), GradScaler's grad_scale / found_inf (a found_inf != 0 skips the whole step),
-  // a fused clip's coefficient, the step_advance flag written for the device schedulers, and the stochastic
-  // rounding stream's param ids and seed.
+  // master_params .. sr_seed: the large-model options (csrc/cpu/step_common.h StepOptions): float32 master copies (an
+  // empty tensor where a param has none), GradScaler's grad_scale / found_inf (a found_inf != 0 skips the whole step),
+  // a fused clip's coefficient, the step_advance flag written for the device schedulers, and the stochastic rounding
+  // stream's param ids and seed.
   // SGD over one bucket. momentum_buffers may be empty when no group uses momentum; fresh_buffers[i] != 0 marks a
   // buffer created by this step (torch then copies the gradient into it).
   m.def(
@@ -45,9 +45,9 @@ TORCH_LIBRARY(fused_sched, m) {
   m.def(
       "grad_norm_clip(Tensor[] grads, int[] bucket_sizes, float norm_type, float max_norm, "
       "Tensor? grad_scale=None) -> Tensor");
-  // The CUDA kernels on a bucket's device-resident tables (csrc/cuda/optim_cuda.h: the Triton backend's address
+  // The CUDA kernels on a bucket's device-resident tables (csrc/cuda/launch_common.h: the Triton backend's address
   // table, chunk map and ticket counter), for the optimizers' eager step (fused_sched/backends/cuda_backend.py).
-  // Implemented for CUDA tensors only (csrc/cuda/optim_cuda_torch.cpp). The parameters, gradients, states, steps
+  // Implemented for CUDA tensors only (csrc/cuda/*_torch.cpp). The parameters, gradients, states, steps
   // and master copies they write are reached through the table's addresses, which the dispatcher cannot see:
   // these ops are for eager calls (and CUDA-graph capture) only; torch.compile traces adam_step_ / sgd_step_,
   // whose schemas name every written tensor. param_dtype: the dtype of the bucket's parameters.
@@ -60,9 +60,9 @@ TORCH_LIBRARY(fused_sched, m) {
       "cuda_sgd_tables_(Tensor(c!) table, Tensor chunks, int chunk_elements, ScalarType param_dtype, Tensor hyper, "
       "Tensor(a!) counter, Tensor? schedule=None, Tensor? schedule_step=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None) -> ()");
-  // A fused clip's norm pass over one bucket's tables (optim_cuda.h launch_grad_norm_tables): writes its partial
-  // sums at partials[slot_offset ...] and returns how many slots it used (a host value: the grid size, no sync);
-  // the launch with finalize=True writes out = float32 [total_norm, clip_coef]. partials must hold slot_offset +
+  // A fused clip's norm pass over one bucket's tables (csrc/cuda/grad_norm.h launch_grad_norm_tables): writes its
+  // partial sums at partials[slot_offset ...] and returns how many slots it used (a host value: the grid size, no
+  // sync); the launch with finalize=True writes out = float32 [total_norm, clip_coef]. partials must hold slot_offset +
   // max(1, n_chunks) float64s.
   m.def(
       "cuda_grad_norm_tables_(Tensor table, Tensor chunks, int chunk_elements, ScalarType grad_dtype, "
@@ -153,7 +153,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(total_norm, clip_coef) in float32 from a fused clip's accumulated norm (optim_math.h)");
   m.def("combine_norm_parts", &fused_sched::cpu::combine_norm_parts, pybind11::arg("parts"),
-        pybind11::arg("norm_type"), "A fused clip's accumulation of several buckets from theirs (optim_cpu.h)");
+        pybind11::arg("norm_type"), "A fused clip's accumulation of several buckets from theirs (cpu/grad_norm.h)");
   m.def("rounding_key", &fused_sched::rounding_key, "optim_math.h rounding_key (tests)");
   m.def("rounding_bits", &fused_sched::rounding_bits, "optim_math.h rounding_bits (tests)");
   m.def("cuda_compiled", []() {

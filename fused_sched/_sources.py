@@ -16,7 +16,9 @@ CPU_SOURCES = [
 ]
 
 # Kernels free of torch headers (compile-checked by nvcc on machines without a GPU) and the torch glue that
-# registers them, built only against a CUDA build of torch.
+# registers them, built only against a CUDA build of torch. Every .cpp in csrc/cuda is glue named *_torch.cpp
+# (.ci/nvcc_check.sh type-checks those), and no two sources share a file name: the just-in-time build names each
+# object after its source's file name alone (tests/test_build.py checks both).
 CUDA_KERNEL_GLOB = "csrc/cuda/*.cu"
 CUDA_GLUE_GLOB = "csrc/cuda/*.cpp"
 

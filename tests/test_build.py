@@ -84,6 +84,17 @@ def test_jit_sources_follow_setup_py():
     assert "-lineinfo" in nvcc and "-gencode=arch=compute_90,code=sm_90" in nvcc and "--fmad=false" in nvcc
 
 
+def test_source_names_suit_the_builds():
+    """torch's just-in-time build names an object after its source's file name alone (csrc/cpu/adam.cpp and a
+    csrc/cuda/adam.cpp would both be adam.o; adam.cu is adam.cuda.o), and .ci/nvcc_check.sh type-checks the CUDA
+    glue by its name, *_torch.cpp."""
+    sources, _, _ = _extension._jit_sources(ROOT, with_cuda=True)
+    objects = [os.path.splitext(os.path.basename(s))[0] + (".cuda.o" if s.endswith(".cu") else ".o") for s in sources]
+    assert len(set(objects)) == len(objects), sorted(objects)
+    glue = [os.path.basename(s) for s in sources if s.endswith(".cpp") and os.sep + "cuda" + os.sep in s]
+    assert glue and all(name.endswith("_torch.cpp") for name in glue), glue
+
+
 def test_just_in_time_build_loads_and_runs(tmp_path):
     """A fresh process builds the extension with ninja into FUSED_SCHED_BUILD_DIR (about 40 s on the 2-core CI
     machine), loads it and runs an operator; a second process finds the cached build."""

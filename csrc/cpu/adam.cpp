@@ -1,6 +1,6 @@
-// CPU implementation of fused_sched::adam_step_ and fused_sched::sgd_step_: one call updates every tensor of
-// one (device, dtype) bucket, whatever param group each tensor belongs to. The work is cut into equal chunks
-// spread over at::parallel_for, each chunk run by the vectorized kernel of the best CPU capability.
+// CPU implementation of fused_sched::adam_step_: one call updates every tensor of one (device, dtype) bucket, whatever
+// param group each tensor belongs to. The work is cut into equal chunks spread over at::parallel_for, each chunk run by
+// the vectorized kernel of the best CPU capability.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
-// Interface between the dispatcher-facing CPU op (optim_cpu.cpp, compiled for the baseline ISA) and the
-// vectorized kernels, compiled once per CPU capability (optim_cpu_kernels_{default,avx2,avx512}.cpp) and picked
+// Interface between the dispatcher-facing CPU ops (adam.cpp, sgd.cpp, grad_norm.cpp, compiled for the baseline ISA)
+// and the vectorized kernels, compiled once per CPU capability (kernels_{default,avx2,avx512}.cpp) and picked
 // at run time. Only plain data crosses it, so the capability translation units include as little as possible.
 #pragma once
 

@@ -1,7 +1,7 @@
 // AVX2 + FMA build of the CPU kernels. The ISA is enabled with a target pragma (setuptools has no per-file
 // flags) after the headers whose inline functions other translation units share, so only code inside at::vec's
 // AVX2 inline namespace and our own AVX2 namespace is compiled for AVX2. It is picked at run time only when
-// the CPU reports AVX2 and FMA (optim_cpu.cpp).
+// the CPU reports AVX2 and FMA (step_common.cpp).
 #include "kernel_table.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

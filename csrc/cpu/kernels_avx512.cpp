@@ -1,5 +1,5 @@
-// AVX-512 build of the CPU kernels (see optim_cpu_kernels_avx2.cpp for why a target pragma is used). Picked at
-// run time only when the CPU reports AVX512F, BW, VL and DQ (optim_cpu.cpp).
+// AVX-512 build of the CPU kernels (see kernels_avx2.cpp for why a target pragma is used). Picked at
+// run time only when the CPU reports AVX512F, BW, VL and DQ (step_common.cpp).
 #include "kernel_table.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

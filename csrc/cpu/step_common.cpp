@@ -162,7 +162,7 @@ T scalar_or(const std::optional<at::Tensor>& t, T fallback) {
 
 }  // namespace
 
-// Checks StepOptions (optim_cpu.h) against the call's params; returns the gradient pre-scaling.
+// Checks StepOptions (step_common.h) against the call's params; returns the gradient pre-scaling.
 StepExtras check_options(const StepOptions& o, at::TensorList params, bool checked) {
   const size_t n = params.size();
   check_scalar(o.grad_scale, at::kFloat, "grad_scale");

@@ -98,19 +98,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_tables_kernel(Ker
       if (amsgrad) max_exp_avg_sq[i] = vmax;
     }
   }
-  finish<true>(a, skipped);
+  finish(a, skipped, [&a](int64_t r) {
+    float* step = as_ptr<float>(a.table[r * kTableColumns + kColStep]);
+    // torch keeps the step in float32 and adds 1 in float32.
+    if (step != nullptr) *step = *step + 1.0f;
+  });
 }
 
 cudaError_t launch(ParamDtype dtype, const KernelArgs& args, cudaStream_t stream) {
-  unsigned int grid = 1;
-  cudaError_t err = grid_size(args.n_chunks, kBlocksPerSm, &grid);
-  if (err != cudaSuccess) return err;
-  const bool known = dispatch_dtype(dtype, [&](auto tag) {
-    using P = decltype(tag);
-    adam_tables_kernel<P><<<grid, kThreads, 0, stream>>>(args);
+  return launch_step(dtype, args.n_chunks, [&](auto tag, unsigned int grid) {
+    adam_tables_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(args);
   });
-  if (!known) return cudaErrorInvalidValue;
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -43,7 +43,7 @@ void check_hyper(const at::Tensor& hyper, at::IntArrayRef group_index, size_t n,
   }
 }
 
-// effective_hyper's checks (optim_cpu.cpp); the kernels evaluate the programs on the device.
+// effective_hyper's checks (csrc/cpu/step_common.cpp); the kernels evaluate the programs on the device.
 Schedule check_schedule(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
                         const std::optional<at::Tensor>& schedule_step) {
   Schedule s;
@@ -154,7 +154,7 @@ CheckedOptions check_options(at::TensorList params, const at::Device& device,
 void record_step_advance(const std::optional<at::Tensor>& step_advance, const std::optional<at::Tensor>& found_inf) {
   if (!step_advance.has_value() || !step_advance->defined()) return;
   if (found_inf.has_value() && found_inf->defined()) {
-    // Set to 1 by a step that ran, left as it is by a skipped one (the kernels' rule, csrc/cpu/optim_cpu.h).
+    // Set to 1 by a step that ran, left as it is by a skipped one (the kernels' rule, csrc/cpu/step_common.h).
     step_advance->copy_(at::maximum(*step_advance, found_inf->eq(0).to(at::kDouble).reshape(step_advance->sizes())));
   } else {
     step_advance->fill_(1.0);

@@ -1,5 +1,6 @@
 // CUDA implementations of the fused_sched operators (schemas in csrc/fused_sched_ops.cpp): torch glue around the
-// torch-free launchers of optim_cuda.cu. Built only against a CUDA build of torch, with -DFUSED_SCHED_WITH_CUDA
+// torch-free launchers of csrc/cuda/*.cu, one glue file per kernel (adam_torch.cpp, sgd_torch.cpp, grad_norm_torch.cpp)
+// and what they share here (common_torch.cpp). Built only against a CUDA build of torch, with -DFUSED_SCHED_WITH_CUDA
 // (setup.py). Nothing here synchronizes or reads a device value on the host.
 //
 // Two kinds of entry point:
@@ -12,7 +13,7 @@
 //   copy them to the device asynchronously on the current stream. Because that pinned memory is recycled after the
 //   copy, a CUDA-graph capture of these ops would replay stale host addresses: captured steps use the table ops.
 //
-// Differences from the CPU op (csrc/cpu/optim_cpu.cpp), all because the host reads no device value:
+// Differences from the CPU ops (csrc/cpu/adam.cpp, sgd.cpp), all because the host reads no device value:
 // * hyper, schedule and schedule_step live on the parameters' device (like the Triton backend's tables), and so
 //   do grad_scale, found_inf, clip_coef and step_advance, which the kernels read and write on the device;
 // * the checks that need the hyper rows' values (amsgrad needs max_exp_avg_sqs, momentum needs momentum_buffers)
@@ -103,8 +104,8 @@ StepOptions check_step_options(const at::Device& device, const std::optional<at:
                           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                           const std::optional<at::Tensor>& step_advance, int64_t sr_seed);
 
-// The large-model options of a call (csrc/cpu/optim_cpu.h StepOptions), checked like check_options in
-// optim_cpu.cpp: the launchers' pointers and each param's master-copy address (0 for none).
+// The large-model options of a call (csrc/cpu/step_common.h StepOptions), checked like check_options in
+// csrc/cpu/step_common.cpp: the launchers' pointers and each param's master-copy address (0 for none).
 struct CheckedOptions {
   StepOptions launch;
   std::vector<int64_t> masters;

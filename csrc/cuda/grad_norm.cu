@@ -49,7 +49,7 @@ __device__ __forceinline__ double combine(double a, double b) {
 }
 
 // One element's contribution, from its float32 magnitude: |g|^2 squared in float32 and |g| as is, like torch's
-// norm kernels and the CPU pass (optim_cpu.cpp norm_chunk); a general p raised in float64.
+// norm kernels and the CPU pass (csrc/cpu/grad_norm_kernels.h norm_range); a general p raised in float64.
 template <int kKind>
 __device__ __forceinline__ double accumulate(double acc, float magnitude, double norm_type) {
   if constexpr (kKind == kNormInf) {
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, kNormBlocksPerSm) grad_norm_kernel(N
   const bool divide = a.grad_scale != nullptr;
   const float scale = divide ? *a.grad_scale : 1.0f;
   const double norm_type = a.norm_type;
-  // |g / scale| (optim_cpu.cpp norm_chunk: std::fabs(g / scale); without a scale nothing is divided).
+  // |g / scale| (csrc/cpu/grad_norm_kernels.h norm_range: std::fabs(g / scale); without a scale nothing is divided).
   auto magnitude = [divide, scale](float g) { return fabsf(divide ? g / scale : g); };
   double acc = 0.0;
   for (int64_t c = blockIdx.x; c < a.n_chunks; c += gridDim.x) {

@@ -1,5 +1,6 @@
-// CUDA implementations of fused_sched::cuda_grad_norm_tables_ and grad_norm_clip (schemas in csrc/fused_sched_ops.cpp): torch glue around the torch-free
-// launchers of grad_norm.cu; common_torch.h says what the glue of every optimizer shares.
+// CUDA implementations of fused_sched::cuda_grad_norm_tables_ and grad_norm_clip (schemas in csrc/fused_sched_ops.cpp):
+// torch glue around the torch-free launchers of grad_norm.cu; common_torch.h says what the glue of every optimizer
+// shares.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

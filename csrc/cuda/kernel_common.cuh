@@ -1,7 +1,8 @@
-// CUDA kernels of the fused optimizer step: one launch updates every tensor of one (device, dtype) bucket and
-// advances its steps. They mirror the Triton kernels (fused_sched/backends/triton_kernels.py) table for table and
-// the per-element math of csrc/include/fused_sched/optim_math.h operation for operation. No torch header: see
-// optim_cuda.h for the tables and optim_cuda_torch.cpp for the glue.
+// Device code and launch helpers shared by the CUDA kernels (adam.cu, sgd.cu, grad_norm.cu), each its own
+// translation unit. The step kernels update every tensor of one (device, dtype) bucket in one launch and advance its
+// steps. They mirror the Triton kernels (fused_sched/backends/triton_kernels.py) table for table and the
+// per-element math of csrc/include/fused_sched (optim_math.h, adam_math.h, sgd_math.h) operation for operation. No
+// torch header: see launch_common.h for the tables and *_torch.cpp for the glue.
 //
 // Numerics: the build passes --fmad=false, so a multiply and an add round on their own except in the explicit
 // fmaf calls of MathOps<float>::fma; float32 division and sqrt are IEEE round-to-nearest (nvcc's defaults
@@ -129,7 +130,7 @@ __device__ __forceinline__ T* as_ptr(int64_t address) {
 }
 
 // Where a parameter's float32 value comes from and where the updated value goes (the CPU kernels' ParamAccess,
-// optim_cpu_kernels_impl.h): the param itself, or its float32 master copy (read and written in place of the
+// csrc/cpu/kernel_common.h): the param itself, or its float32 master copy (read and written in place of the
 // param, which receives it rounded to nearest even); a bfloat16 param without a master is written with
 // stochastic rounding when `stochastic` is set (kAllowStochastic: Adam only; SGD keeps no step to draw from).
 template <typename P, bool kAllowStochastic>
@@ -180,9 +181,9 @@ struct ParamAccess {
   }
 };
 
-// effective_hyper (optim_cpu.cpp) for one group: a copy of its hyper row with the values its schedule program sets
-// at the scheduler's step in place of lr and beta1 (SGD: momentum), unless the row's flags have kLrFromTable /
-// kMomentumFromTable.
+// effective_hyper (csrc/cpu/step_common.cpp) for one group: a copy of its hyper row with the values its schedule
+// program sets at the scheduler's step in place of lr and beta1 (SGD: momentum), unless the row's flags have
+// kLrFromTable / kMomentumFromTable.
 __device__ __forceinline__ void load_effective_row(const double* hyper, int64_t group, const double* schedule,
                                                    int64_t segments, const double* schedule_step, bool adam,
                                                    double (&row)[kHyperColumns]) {
@@ -214,7 +215,7 @@ struct KernelArgs {
   const double* schedule;
   const double* schedule_step;
   int32_t* counter;
-  const float* grad_scale;  // StepOptions (optim_cuda.h), each may be nullptr
+  const float* grad_scale;  // StepOptions (launch_common.h), each may be nullptr
   const float* found_inf;
   const float* clip_coef;
   double* step_advance;
@@ -241,11 +242,11 @@ __device__ __forceinline__ GradPrescale<float> load_prescale(const KernelArgs& a
 }
 
 // Takes this block's ticket once its chunks are done; the block holding the last one (every other block has
-// then finished reading steps / fresh flags) advances the steps (Adam) or clears the fresh flags (SGD) with all
-// its threads unless found_inf skipped the step, records in step_advance whether the step ran, then zeroes the
-// counter for the next launch (or CUDA-graph replay).
-template <bool kAdam>
-__device__ __forceinline__ void finish(const KernelArgs& a, bool skipped) {
+// then finished reading steps / fresh flags) runs end_row(r) on every table row with all its threads unless
+// found_inf skipped the step (Adam advances the row's step, SGD clears its fresh flag), records in step_advance
+// whether the step ran, then zeroes the counter for the next launch (or CUDA-graph replay).
+template <typename EndRow>
+__device__ __forceinline__ void finish(const KernelArgs& a, bool skipped, EndRow&& end_row) {
   __shared__ int is_last;
   __syncthreads();  // every thread's reads of steps / flags precede the ticket
   if (threadIdx.x == 0) {
@@ -257,15 +258,7 @@ __device__ __forceinline__ void finish(const KernelArgs& a, bool skipped) {
   if (!is_last) return;
   __threadfence();
   if (!skipped) {
-    for (int64_t r = threadIdx.x; r < a.n_rows; r += blockDim.x) {
-      if constexpr (kAdam) {
-        float* step = as_ptr<float>(a.table[r * kTableColumns + kColStep]);
-        // torch keeps the step in float32 and adds 1 in float32.
-        if (step != nullptr) *step = *step + 1.0f;
-      } else {
-        a.table[r * kTableColumns + kColStep] = 0;
-      }
-    }
+    for (int64_t r = threadIdx.x; r < a.n_rows; r += blockDim.x) end_row(r);
   }
   if (threadIdx.x == 0) {
     // "A step ran since the schedulers last looked": set by a step that ran, left alone by a skipped one (the
@@ -294,9 +287,22 @@ inline cudaError_t grid_size(int64_t n_chunks, int blocks_per_sm, unsigned int* 
   return cudaSuccess;
 }
 
+// Launches a step kernel on its persistent grid: launch_one(tag, grid) with a value of the element type of `dtype`
+// runs `kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(args)` (the launch stays in the kernel's own source,
+// where tests/cuda_host_emulation.py finds it).
+template <typename LaunchOne>
+cudaError_t launch_step(ParamDtype dtype, int64_t n_chunks, LaunchOne&& launch_one) {
+  unsigned int grid = 1;
+  cudaError_t err = grid_size(n_chunks, kBlocksPerSm, &grid);
+  if (err != cudaSuccess) return err;
+  const bool known = dispatch_dtype(dtype, [&](auto tag) { launch_one(tag, grid); });
+  if (!known) return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
 inline cudaError_t check_args(const int64_t* table, int64_t n_rows, const int64_t* chunks, int64_t n_chunks,
-                       int64_t chunk_elements, const double* hyper, const double* schedule, int64_t segments,
-                       const double* schedule_step, const int32_t* counter) {
+                              int64_t chunk_elements, const double* hyper, const double* schedule, int64_t segments,
+                              const double* schedule_step, const int32_t* counter) {
   if (n_rows < 0 || n_chunks < 0 || chunk_elements <= 0 || table == nullptr || hyper == nullptr ||
       counter == nullptr || (n_chunks > 0 && chunks == nullptr) ||
       (schedule != nullptr && (segments < 0 || schedule_step == nullptr))) {
@@ -316,9 +322,9 @@ bool dispatch_dtype(ParamDtype dtype, Fn&& fn) {
   return false;
 }
 
-inline KernelArgs make_args(int64_t* table, int64_t n_rows, const int64_t* chunks, int64_t n_chunks, int64_t chunk_elements,
-                     const double* hyper, const double* schedule, int64_t segments, const double* schedule_step,
-                     int32_t* counter, const StepOptions& options) {
+inline KernelArgs make_args(int64_t* table, int64_t n_rows, const int64_t* chunks, int64_t n_chunks,
+                            int64_t chunk_elements, const double* hyper, const double* schedule, int64_t segments,
+                            const double* schedule_step, int32_t* counter, const StepOptions& options) {
   KernelArgs a;
   a.table = table;
   a.chunks = chunks;

@@ -1,6 +1,6 @@
-// CUDA launchers of the fused optimizer step (csrc/cuda/optim_cuda.cu). Plain C++ over raw device pointers: this
-// header includes no torch header, so the kernels compile (and are compile-checked by .ci/nvcc_check.sh) without
-// a CUDA build of torch. The torch glue is csrc/cuda/optim_cuda_torch.cpp.
+// What the CUDA launchers (adam.h, sgd.h, grad_norm.h; kernels in csrc/cuda/*.cu) share. Plain C++ over raw device
+// pointers: these headers include no torch header, so the kernels compile (and are compile-checked by
+// .ci/nvcc_check.sh) without a CUDA build of torch. The torch glue is csrc/cuda/*_torch.cpp.
 //
 // The tables are those of the Triton backend (fused_sched/backends/triton_kernels.py), all on the device:
 // * table: int64 [n_rows, kTableColumns] (optim_math.h TableColumn), one row per tensor: param, grad, state0,
@@ -16,7 +16,7 @@
 // * hyper: float64 [groups, kHyperColumns] (optim_math.h).
 // * schedule (optional, nullptr for none): float64 [groups, segments, kScheduleColumns] (schedule_math.h), with
 //   schedule_step: float64 [1], the scheduler's step counter. A group's program overrides lr and beta1 (SGD:
-//   momentum) exactly as effective_hyper in csrc/cpu/optim_cpu.cpp does.
+//   momentum) exactly as effective_hyper in csrc/cpu/step_common.cpp does.
 // * counter: int32 [1], zero before the first launch; each launch leaves it zero. Launches sharing a counter
 //   must not run concurrently (same stream, or otherwise ordered).
 // After every block has finished its chunks, the last block advances every Adam step by 1 (float32) or clears
@@ -31,12 +31,12 @@ namespace fused_sched::cuda {
 
 enum class ParamDtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
-// Elements per chunk, the unit of work of a block, in the list-taking ops (optim_cuda_torch.cpp). Untuned (no GPU
+// Elements per chunk, the unit of work of a block, in the list-taking ops (*_torch.cpp). Untuned (no GPU
 // was available); the Triton backend's DEFAULT_CHUNK. The eager runner passes its own, which must stay equal
 // (fused_sched/backends/cuda_backend.py CHUNK_ELEMENTS) for the compiled and the eager clip to agree to the bit.
 constexpr int64_t kDefaultChunkElements = 65536;
 
-// The large-model inputs of a step (csrc/cpu/optim_cpu.h StepOptions), as device pointers; each may be nullptr.
+// The large-model inputs of a step (csrc/cpu/step_common.h StepOptions), as device pointers; each may be nullptr.
 // * grad_scale (float32 [1], GradScaler's scale): every gradient is divided by it.
 // * found_inf (float32 [1]): when nonzero the launch changes nothing at all: no parameter, state or master is
 //   written, Adam steps are not advanced and SGD fresh flags are not cleared.

@@ -75,19 +75,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
       if (write_buf) buf_ptr[i] = buf;
     }
   }
-  finish<false>(a, skipped);
+  finish(a, skipped, [&a](int64_t r) { a.table[r * kTableColumns + kColStep] = 0; });  // the fresh flag
 }
 
 cudaError_t launch(ParamDtype dtype, const KernelArgs& args, cudaStream_t stream) {
-  unsigned int grid = 1;
-  cudaError_t err = grid_size(args.n_chunks, kBlocksPerSm, &grid);
-  if (err != cudaSuccess) return err;
-  const bool known = dispatch_dtype(dtype, [&](auto tag) {
-    using P = decltype(tag);
-    sgd_tables_kernel<P><<<grid, kThreads, 0, stream>>>(args);
+  return launch_step(dtype, args.n_chunks, [&](auto tag, unsigned int grid) {
+    sgd_tables_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(args);
   });
-  if (!known) return cudaErrorInvalidValue;
-  return cudaGetLastError();
 }
 
 }  // namespace

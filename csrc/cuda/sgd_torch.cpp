@@ -1,5 +1,5 @@
-// CUDA implementations of fused_sched::sgd_step_ and cuda_sgd_tables_ (schemas in csrc/fused_sched_ops.cpp): torch glue around the torch-free
-// launchers of sgd.cu; common_torch.h says what the glue of every optimizer shares.
+// CUDA implementations of fused_sched::sgd_step_ and cuda_sgd_tables_ (schemas in csrc/fused_sched_ops.cpp): torch glue
+// around the torch-free launchers of sgd.cu; common_torch.h says what the glue of every optimizer shares.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,5 +1,7 @@
 // Per-element optimizer math shared by every C++ backend (CPU kernels include it with float and
-// at::vec::Vectorized<float>; the CUDA kernels include it with float). The Triton kernels mirror it once in
+// at::vec::Vectorized<float>; the CUDA kernels include it with float): what every optimizer uses (the tables'
+// columns and flags, MathOps, gradient prescaling, rounding, the norm of a fused clip). Each optimizer's own update
+// is in its own header beside this one (adam_math.h, sgd_math.h). The Triton kernels mirror them once in
 // fused_sched/backends/triton_kernels.py. The operation order follows torch.optim's single-tensor
 // implementations (torch/optim/adam.py, sgd.py) so that fp32 results agree with torch to a few ulps.
 //
@@ -16,7 +18,7 @@
 #define FS_HOST_DEVICE inline
 #endif
 
-// Each CPU capability translation unit (optim_cpu_kernels_avx2.cpp, ...) compiles this header for its own ISA
+// Each CPU capability translation unit (csrc/cpu/kernels_avx2.cpp, ...) compiles this header for its own ISA
 // and sets FS_MATH_ABI to a name of its own, so its inline functions never merge with the baseline copies
 // (the linker keeps one copy of an inline function: an AVX-512 one must not serve a CPU without AVX-512).
 #ifndef FS_MATH_ABI
