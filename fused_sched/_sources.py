@@ -93,9 +93,10 @@ def find_cuda_home(environ, system_root="/usr/local"):
 
 INCLUDE_DIRS = ["csrc/include", "csrc"]
 
-# -ffp-contract=off: every multiply and add of optim_math.h rounds on its own, as in the Triton kernels (launched
-# with fp fusion off) and torch's scalar formulas; GCC would otherwise fuse them into FMAs in the AVX2/AVX-512
-# builds and the backends would drift apart by an ulp a step (measured on SGD momentum buffers).
+# -ffp-contract=off: every multiply and add of optim_math.h (and of each optimizer's adam_math.h, sgd_math.h) rounds
+# on its own, as in the Triton kernels (launched with fp fusion off) and torch's scalar formulas; GCC would otherwise
+# fuse them into FMAs in the AVX2/AVX-512 builds and the backends would drift apart by an ulp a step (measured on SGD
+# momentum buffers).
 # -fopenmp: at::parallel_for is inline code around `#pragma omp parallel`; without the flag it silently runs on
 # one thread (measured: CPU time / wall time 0.99 for a 40M-element step). torch's wheels load their libgomp.so.1
 # first, so the extension binds to that same OpenMP runtime and thread count.
