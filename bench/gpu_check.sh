@@ -49,7 +49,7 @@ mkdir -p "$dest"
 log=$dest/gpu-check-$stamp.log
 
 echo "== build" | tee "$log"
-# The CUDA kernels' torch glue (csrc/cuda/optim_cuda_torch.cpp) has never been compiled against a CUDA torch
+# The CUDA kernels' torch glue (csrc/cuda/*_torch.cpp) has never been compiled against a CUDA torch
 # before a GPU session: if that build fails, the log keeps the errors and the check goes on without the CUDA
 # kernels (Triton backend), so the GPU tests and the benchmark still run.
 cuda_build=ok

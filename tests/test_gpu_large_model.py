@@ -66,8 +66,8 @@ def test_gpu_kernels_equal_the_cpu_kernels_bit_for_bit(kwargs, backend):
     """The Triton and CUDA kernels on the GPU and the C++ CPU kernels share their math to the bit: master copies,
     the stochastic rounding stream, the clip (2-norm: float64 sums of float32 squares, differently ordered, agree
     here because the coefficient is computed from a float64 total rounded once). CUDA's double pow is not
-    correctly rounded (csrc/cuda/optim_cuda.cu): a bias correction one float64 ulp off changes its float32
-    rounding about once in 2^29 values, never seen in these 5 steps."""
+    correctly rounded (adam_math.h's pow, in csrc/cuda/adam.cu): a bias correction one float64 ulp off changes its
+    float32 rounding about once in 2^29 values, never seen in these 5 steps."""
     results = []
     for device, name in (("cpu", "cpu"), ("cuda", backend)):
         torch.manual_seed(0)

@@ -2,7 +2,7 @@
 on the bucket's device and re-uploaded only when an address or a size changes.
 
 The layout is one contract for every kernel (csrc/include/fused_sched/optim_math.h ``TableColumn``,
-csrc/cuda/optim_cuda.h, backends/triton/):
+csrc/cuda/launch_common.h, backends/triton/):
 
 * address table: int64 ``[n, TABLE_COLUMNS]``, one row per tensor: param, grad, state0, state1, state2 addresses,
   column 5 (Adam: the address of the float32 step tensor; SGD: the "fresh buffer" flag), numel, param-group index,

@@ -25,8 +25,8 @@ Design
   graph and replayed while the learning rate and the steps change.
 * Device schedules (``schedule`` / ``schedule_step``, HAS_SCHEDULE): every chunk also evaluates its group's
   schedule program (schedule.py, schedule_math.h) at the scheduler's float64 step counter, and the values
-  it sets replace the row's lr and beta1 (SGD: momentum), as ``effective_hyper`` in optim_cpu.cpp does. Without
-  a schedule HAS_SCHEDULE is false and none of it is compiled.
+  it sets replace the row's lr and beta1 (SGD: momentum), as ``effective_hyper`` in csrc/cpu/step_common.cpp does.
+  Without a schedule HAS_SCHEDULE is false and none of it is compiled.
 * Persistent grid: ``num_programs`` programs, program ``pid`` taking chunks ``pid, pid + num_programs, ...``.
   Offsets are int64 throughout: tensors of more than 2**31 elements work.
 * Vector path: the addresses come from a table, so Triton knows nothing of their alignment and would move every
@@ -52,10 +52,10 @@ Design
   (deterministic), and write the total norm and torch's clip coefficient (optim_math.h ``total_norm_from``,
   ``clip_coefficient``).
 
-Numerics mirror csrc/include/fused_sched/optim_math.h operation by operation, so results agree with the C++
-backends (and torch.optim) to the last bit or so:
+Numerics mirror csrc/include/fused_sched/ (optim_math.h, adam_math.h, sgd_math.h) operation by operation, so
+results agree with the C++ backends (and torch.optim) to the last bit or so:
 
-* a multiply-add rounds once exactly where optim_math.h calls MathOps::fma (where torch's vectorized CPU kernels
+* a multiply-add rounds once exactly where the math headers call MathOps::fma (where torch's vectorized CPU kernels
   fuse: add with alpha, lerp), through an explicit ``tl.fma``; everywhere else the launch disables fp fusion, so
   a multiply and an add round twice;
 * divisions and square roots are IEEE round-to-nearest (``tl.div_rn`` / ``tl.sqrt_rn``, not the approximate

@@ -14,7 +14,7 @@ from .step_common import _ROW_BLOCK, _TL_DTYPES, DEFAULT_BLOCK, DEFAULT_CHUNK
 
 
 def _check_schedule(schedule, schedule_step, hyper):
-    """effective_hyper's checks (optim_cpu.cpp), on the hyper-parameter table's device."""
+    """effective_hyper's checks (csrc/cpu/step_common.cpp), on the hyper-parameter table's device."""
     if schedule is None:
         return
     if schedule_step is None:

@@ -158,7 +158,7 @@ def _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE: tl.con
 
 @triton.jit
 def _scheduled(lr, momentum, schedule_ptr, segments, schedule_step_ptr, group, flags):
-    """effective_hyper of optim_cpu.cpp for one group: the values its schedule program sets at the scheduler's
+    """effective_hyper (csrc/cpu/step_common.cpp) for one group: the values its schedule program sets at the scheduler's
     step replace the table's lr and momentum (Adam: beta1). Every chunk evaluates the program of its own group:
     no launch-wide pass is needed, and the host reads neither the step nor the table."""
     program = schedule_ptr + group * segments * _COLUMNS
