@@ -18,9 +18,8 @@ from ._factors import (
 )
 from ._program_lambda import ProgramLambdaLR
 
+
 # -- factories (transformers' signatures, defaults and errors) ---------------------------------------------------
-
-
 def get_constant_schedule(optimizer, last_epoch: int = -1):
     """Constant learning rate: the one set in the optimizer (transformers.get_constant_schedule)."""
     return ProgramLambdaLR(optimizer, _constant_factor, last_epoch=last_epoch)

@@ -19,9 +19,8 @@ from ._factories import (
     get_wsd_schedule,
 )
 
+
 # -- get_scheduler ---------------------------------------------------------------------------------------------
-
-
 class SchedulerType(str, Enum):  # noqa: UP042 (not StrEnum: f"{name}" must read "SchedulerType.LINEAR" as theirs)
     """transformers.trainer_utils.SchedulerType: the names get_scheduler accepts (its members are accepted too)."""
 

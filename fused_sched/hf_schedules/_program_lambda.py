@@ -11,9 +11,8 @@ from .._schedule_program import Program
 from .._scheduler_base import DeviceScheduleMixin
 from ._factors import _PROGRAMS
 
+
 # -- the scheduler ---------------------------------------------------------------------------------------------
-
-
 class ProgramLambdaLR(DeviceScheduleMixin, LambdaLR):
     """A LambdaLR whose lambdas are this module's factor functions (``functools.partial`` of them, as in
     transformers), each of which has a device program: lr(t) of a group is ``base_lr * factor(t)`` on the host and

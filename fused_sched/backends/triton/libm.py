@@ -71,8 +71,6 @@ _MIN_NORMAL = tl.constexpr(2.0**-1022)
 
 
 # --- double-double arithmetic: a value is an unevaluated sum hi + lo with |lo| <= ulp(hi) / 2 -------------------
-
-
 @triton.jit
 def _two_sum(a, b):
     """a + b exactly, as s + e with s = fl(a + b)."""
@@ -145,8 +143,6 @@ def _dd_poly(zh, zl, HI: tl.constexpr, LO: tl.constexpr, TAIL: tl.constexpr, N_D
 
 
 # --- the libm functions the header calls, in float64 -------------------------------------------------------------
-
-
 @triton.jit(noinline=True)
 def _cos(x):
     """C's cos(x), correctly rounded (see the module docstring), for |x| < 2**26 * pi / 2.

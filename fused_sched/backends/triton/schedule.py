@@ -69,8 +69,6 @@ _TARGET_MOMENTUM = tl.constexpr(sp.MOMENTUM)
 _PI = tl.constexpr(math.pi)
 
 # --- the program ------------------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _segment_value(s, t):
     """segment_value of schedule_math.h, operation for operation: the value of segment row `s` at step t."""
