@@ -33,7 +33,12 @@ OPTIMIZERS = ("adam", "sgd")
 ONE_NAME_FILES = [
     "fused_sched/optim/{name}.py",
     "fused_sched/backends/triton/{name}.py",
+    "csrc/include/fused_sched/{name}_math.h",
+    "csrc/cpu/{name}.cpp",
+    "csrc/cpu/{name}_kernels.h",
     "csrc/cuda/{name}.cu",
+    "csrc/cuda/{name}_torch.cpp",
+    "tests/test_{name}_parity.py",
 ]
 
 
@@ -170,3 +175,15 @@ def test_cpp_file_fits_a_reader(path):
 def test_one_name_through_every_tree(name, pattern):
     path = ROOT / pattern.format(name=name)
     assert path.is_file(), f"{name}: no {path.relative_to(ROOT)} (docs/architecture.md, adding an optimizer)"
+
+
+def test_every_optimizer_family_has_its_launchers():
+    """The shared dispatch tables name exactly the families of the optimizer classes (docs/architecture.md)."""
+    import fused_sched
+    from fused_sched.backends import cuda_backend
+    from fused_sched.backends.triton import runner
+
+    families = {cls._algorithm for cls in (fused_sched.AdamW, fused_sched.Adam, fused_sched.SGD)}
+    assert families == set(OPTIMIZERS)
+    assert set(runner.LAUNCHERS) == families
+    assert set(cuda_backend.LAUNCHERS) == families
