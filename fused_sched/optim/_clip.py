@@ -7,8 +7,8 @@ import math
 import torch
 
 from .._extension import load_extension
-from ._plan import _Plan
-from ._tensors import _is_dtensor, _local, _on
+from ._plan import Plan
+from ._tensors import is_dtensor, local_shard, on_device
 
 _NONFINITE = ("The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
               "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
@@ -43,7 +43,7 @@ class ClipMixin:
         Returns:
             The total norm (a 0-dim float32 tensor on the parameters' device).
         """
-        _check_max_norm(max_norm, "max_norm", allow_none=False)
+        check_max_norm(max_norm, "max_norm", allow_none=False)
         norm_type = float(norm_type)
         if not (norm_type > 0.0):
             raise ValueError(f"fused_sched clips with a positive or infinite norm_type, got {norm_type}")
@@ -90,15 +90,15 @@ class ClipMixin:
         gradient. With DTensor parameters (FSDP2) this rank still joins the norm's all-reduce with a zero
         accumulation, since the ranks that hold gradients wait for it; the result is then the global norm."""
         params = [p for group in self.param_groups for p in group["params"]]
-        if not any(_is_dtensor(p) for p in params):
+        if not any(is_dtensor(p) for p in params):
             return torch.tensor(0.0)
-        groups = _shard_groups(params)
+        groups = shard_groups(params)
         if not groups:
             return torch.tensor(0.0)
-        accumulated = torch.zeros(1, dtype=torch.float64, device=_local(params[0]).device)
-        return _finalize_sharded_clip(accumulated, groups, norm_type, max_norm)[0]
+        accumulated = torch.zeros(1, dtype=torch.float64, device=local_shard(params[0]).device)
+        return finalize_sharded_clip(accumulated, groups, norm_type, max_norm)[0]
 
-    def _clip_pass(self, plan: _Plan, max_norm: float, norm_type: float, grad_scale):
+    def _clip_pass(self, plan: Plan, max_norm: float, norm_type: float, grad_scale):
         """The norm pass over every bucket: (total norm, {device: clip coefficient}), both on the device.
 
         With DTensor parameters (FSDP2) every rank accumulates its local shards, the accumulations are all-reduced
@@ -109,8 +109,8 @@ class ClipMixin:
             raise ValueError("fused gradient clipping needs every parameter with a gradient on one device; got "
                              f"{sorted(map(str, devices))}")
         (device,) = devices
-        scale = _on(grad_scale, device)
-        groups = _shard_groups([p for b in plan.buckets for p in b.params])
+        scale = on_device(grad_scale, device)
+        groups = shard_groups([p for b in plan.buckets for p in b.params])
         native = load_extension()
         if all(b.runner is None for b in plan.buckets):
             # C++ CPU buckets: the accumulations are host floats (CPU tensors: reading them costs no sync).
@@ -130,13 +130,13 @@ class ClipMixin:
                 out = norm_pass(pairs, norm_type, max_norm, scale)
                 return out[0], {device: out[1:2]}
             accumulated = norm_pass(pairs, norm_type, max_norm, scale, finalize=False)
-        out = _finalize_sharded_clip(accumulated, groups, norm_type, max_norm)
+        out = finalize_sharded_clip(accumulated, groups, norm_type, max_norm)
         return out[0], {device: out[1:2]}
 
-def _shard_groups(params: list) -> list:
+def shard_groups(params: list) -> list:
     """The process groups over which a norm of these parameters' local shards must be reduced: one per mesh
     dimension the DTensor parameters are sharded on ([] for plain tensors)."""
-    sharded = [p for p in params if _is_dtensor(p)]
+    sharded = [p for p in params if is_dtensor(p)]
     if not sharded:
         return []
     if len(sharded) != len(params):
@@ -148,7 +148,7 @@ def _shard_groups(params: list) -> list:
     return [mesh.get_group(dim) for dim, placement in enumerate(placements) if placement.is_shard()]
 
 
-def _finalize_sharded_clip(accumulated: torch.Tensor, groups: list, norm_type: float, max_norm: float):
+def finalize_sharded_clip(accumulated: torch.Tensor, groups: list, norm_type: float, max_norm: float):
     """All-reduce the float64 accumulation over `groups`, then optim_math.h total_norm_from and clip_coefficient
     with torch operations: float32 [total_norm, clip_coef]."""
     import torch.distributed as dist
@@ -166,7 +166,7 @@ def _finalize_sharded_clip(accumulated: torch.Tensor, groups: list, norm_type: f
     return torch.cat([total.reshape(1), coef.reshape(1)])
 
 
-def _check_max_norm(value, name: str, allow_none: bool) -> None:
+def check_max_norm(value, name: str, allow_none: bool) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:

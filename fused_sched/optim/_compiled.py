@@ -99,7 +99,7 @@ def gather(opt, relayout: tuple, with_state: bool = True) -> list[dict] | None:
                 with_grad.append((index, master_group, p, param_id))
             param_id += 1
     for _, _, p, _ in with_grad:
-        if _tensors._is_dtensor(p) or _tensors._is_dtensor(p.grad):
+        if _tensors.is_dtensor(p) or _tensors.is_dtensor(p.grad):
             return None
     resolved = {}
     for _, _, p, _ in with_grad:
@@ -126,9 +126,9 @@ def gather(opt, relayout: tuple, with_state: bool = True) -> list[dict] | None:
                 "group_index": [], "param_ids": [], "master": [], "standins": [],
             }
             buckets.append(bucket)
-        if not _tensors._dense(p):
+        if not _tensors.is_dense(p):
             # Elements not dense in memory (a view that skips some): the kernels update a dense copy, written back
-            # after the launch (FusedOptimizer's _Bucket.standins).
+            # after the launch (FusedOptimizer's Bucket.standins).
             dense = p.contiguous()
             bucket["standins"].append((p, dense))
             p = dense
@@ -231,7 +231,7 @@ def _prepare_or_raise(opt, with_state: bool) -> tuple:
         opt._slots["states"] = [opt.state.get(p) for p in params]
     opt._slots["fresh"] = tuple(sorted(fresh))
     return tuple(param_ids[id(p)] for _, p in with_grad
-                 if _tensors._local(p.grad).stride() != _tensors._walked_strides(_tensors._local(p)))
+                 if _tensors.local_shard(p.grad).stride() != _tensors.walked_strides(_tensors.local_shard(p)))
 
 
 def clip_pass(buckets: list[dict], max_norm: float, norm_type: float, grad_scale):
@@ -244,7 +244,7 @@ def clip_pass(buckets: list[dict], max_norm: float, norm_type: float, grad_scale
         raise ValueError("fused gradient clipping needs every parameter with a gradient on one device; got "
                          f"{sorted(map(str, devices))}")
     device = devices[0]
-    scale = _tensors._on(grad_scale, device)
+    scale = _tensors.on_device(grad_scale, device)
     grads = [g for bucket in buckets for g in bucket["grads"]]
     sizes = [len(bucket["grads"]) for bucket in buckets]
     if buckets[0]["backend"] == "triton":  # one device, so one backend
@@ -277,4 +277,4 @@ eager_clip = torch.compiler.disable(_eager_clip, reason=_REASON)
 
 # Resolved now, not first while Dynamo traces: _prepare (run eagerly during a trace) would resolve it between two
 # analysis passes of one frame, and Dynamo requires a restarted pass to take the path of the first.
-_tensors._dtensor_class()
+_tensors.dtensor_class()

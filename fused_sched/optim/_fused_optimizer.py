@@ -41,8 +41,8 @@ from torch.optim import Optimizer
 
 from .. import backends
 from .._extension import load_extension
-from ._clip import ClipMixin, _check_max_norm
-from ._plan import MASTER_KEY, PlanMixin, _Bucket
+from ._clip import ClipMixin, check_max_norm
+from ._plan import MASTER_KEY, Bucket, PlanMixin
 from ._step_inputs import StepInputsMixin
 
 
@@ -66,7 +66,7 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
     def __init__(self, params, defaults: dict, backend: str = "auto", max_grad_norm: float | None = None,
                  rounding_seed: int = 0):
         backends.check_name(backend)
-        _check_max_norm(max_grad_norm, "max_grad_norm", allow_none=True)
+        check_max_norm(max_grad_norm, "max_grad_norm", allow_none=True)
         if not isinstance(rounding_seed, int) or isinstance(rounding_seed, bool) or not 0 <= rounding_seed < 2**63:
             raise ValueError(f"rounding_seed must be an int in [0, 2**63), got {rounding_seed!r}")
         self._validate_group(defaults)
@@ -120,7 +120,7 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
         """The hyper column that a schedule's momentum target drives (Adam: beta1, SGD: momentum)."""
         raise NotImplementedError
 
-    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor, amp: dict) -> None:
+    def _run_bucket(self, bucket: Bucket, hyper: torch.Tensor, amp: dict) -> None:
         """One backend call for `bucket`; amp: grad_scale, found_inf, clip_coef, step_advance (tensors or None)."""
         raise NotImplementedError
 

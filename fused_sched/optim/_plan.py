@@ -8,12 +8,12 @@ import torch
 
 from .. import backends
 from .._extension import load_extension
-from ._tensors import _dense, _dense_copy, _is_dtensor, _local, _walked_strides
+from ._tensors import dense_copy, is_dense, is_dtensor, local_shard, walked_strides
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class _Bucket:
+class Bucket:
     """The parameters of one (device, dtype) bucket, their state and the backend that updates them.
 
     ``sharded``: (DTensor param, its local shard) pairs when the parameters are DTensors (FSDP2): the C++ bucket
@@ -45,7 +45,7 @@ class _Bucket:
     def lend_local_grads(self) -> None:
         for param, local in self.sharded:
             grad = param.grad
-            local.grad = None if grad is None else _local(grad)
+            local.grad = None if grad is None else local_shard(grad)
 
     def return_local_grads(self) -> None:
         # A local shard must not keep its gradient alive after zero_grad(set_to_none=True) of the DTensor.
@@ -56,7 +56,7 @@ class _Bucket:
         for param, dense in self.standins:
             dense.copy_(param)  # values written into the parameter by hand since the last step
             grad = param.grad
-            dense.grad = None if grad is None else _dense_copy(grad, dense)
+            dense.grad = None if grad is None else dense_copy(grad, dense)
 
     def return_standins(self) -> None:
         for param, dense in self.standins:
@@ -64,7 +64,7 @@ class _Bucket:
             dense.grad = None
 
 
-class _Plan:
+class Plan:
     __slots__ = ("buckets", "watch")
 
     def __init__(self, buckets, watch):
@@ -107,19 +107,19 @@ class PlanMixin:
             raise ValueError(f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}")
         if g.device != p.device:
             raise ValueError(f"gradient on {g.device} but parameter on {p.device}")
-        if _is_dtensor(p) or _is_dtensor(g):
-            if not (_is_dtensor(p) and _is_dtensor(g)) or g.placements != p.placements:
+        if is_dtensor(p) or is_dtensor(g):
+            if not (is_dtensor(p) and is_dtensor(g)) or g.placements != p.placements:
                 raise ValueError("a DTensor parameter needs a DTensor gradient with the same placements (fused_sched "
                                  "updates the local shards), got "
                                  f"{getattr(p, 'placements', 'a plain tensor')} and "
                                  f"{getattr(g, 'placements', 'a plain tensor')}")
-            if _local(g).shape != _local(p).shape:
-                raise ValueError(f"gradient shard of shape {tuple(_local(g).shape)} differs from the parameter's "
-                                 f"{tuple(_local(p).shape)}")
+            if local_shard(g).shape != local_shard(p).shape:
+                raise ValueError(f"gradient shard of shape {tuple(local_shard(g).shape)} differs from the parameter's "
+                                 f"{tuple(local_shard(p).shape)}")
         if group.get("stochastic_rounding") and p.dtype == torch.float16:
             raise ValueError("stochastic_rounding rounds bfloat16 parameters; a float16 parameter needs "
                              "master_weights=True instead")
-        if _is_dtensor(p) and not _dense(_local(p)):
+        if is_dtensor(p) and not is_dense(local_shard(p)):
             raise ValueError("fused_sched needs DTensor parameters whose local shards are dense in memory (a view "
                              "that skips elements)")
         for key in self._state_keys:
@@ -128,7 +128,7 @@ class PlanMixin:
                 raise ValueError(f"state {key!r} of shape {tuple(value.shape)} does not match its parameter of "
                                  f"shape {tuple(p.shape)}")
 
-    def _build_plan(self) -> _Plan:
+    def _build_plan(self) -> Plan:
         # Momentum buffers that compiled steps left unfilled (fused_sched/optim/_compiled.py): this plan's to fill.
         self._settle_fresh()
         fresh_ids = self._slots["fresh"]
@@ -148,11 +148,11 @@ class PlanMixin:
             if p.device not in resolved:
                 resolved[p.device] = backends.resolve(self.backend, p.device)
         for _, _, p in with_grad:
-            if _local(p.grad).stride() != _walked_strides(_local(p)):
+            if local_shard(p.grad).stride() != walked_strides(local_shard(p)):
                 # The kernels walk a gradient as the flat array of its parameter: a gradient laid out otherwise
                 # (a transposed or sliced view) is replaced by an equal one in the parameter's layout, as torch's
                 # fused path copies it to a contiguous temporary. Such a plan is rebuilt at every step.
-                if _is_dtensor(p):
+                if is_dtensor(p):
                     raise ValueError("a DTensor gradient whose local shard is laid out unlike its parameter's is not "
                                      "supported")
                 p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
@@ -164,34 +164,34 @@ class PlanMixin:
         buckets = []
         native = load_extension()
         for (device, dtype), members in by_key.items():
-            bucket = _Bucket(device, dtype, resolved[device], [m[1] for m in members], [m[0] for m in members])
+            bucket = Bucket(device, dtype, resolved[device], [m[1] for m in members], [m[0] for m in members])
             states = []
             for key in self._state_keys:
                 column = [self.state[p].get(key) for p in bucket.params]
                 if any(t is not None for t in column):
                     placeholder = torch.empty(0, dtype=torch.float32, device=device)
-                    column = [_local(t) if t is not None else placeholder for t in column]
+                    column = [local_shard(t) if t is not None else placeholder for t in column]
                     states.append(column)
                 else:
                     states.append([])
             steps = [self.state[p]["step"] for p in bucket.params] if self._has_step else []
             if any(m[3] for m in members):
                 placeholder = torch.empty(0, dtype=torch.float32, device=device)  # "no master copy"
-                masters = [_local(self.state[m[1]][MASTER_KEY]) if m[3] else placeholder for m in members]
+                masters = [local_shard(self.state[m[1]][MASTER_KEY]) if m[3] else placeholder for m in members]
             else:
                 masters = []
             ids = bucket.param_ids = [param_ids[id(p)] for p in bucket.params]
-            locals_ = [_local(p) for p in bucket.params]
-            standins = [(i, p) for i, p in enumerate(locals_) if not _dense(p)]
+            locals_ = [local_shard(p) for p in bucket.params]
+            standins = [(i, p) for i, p in enumerate(locals_) if not is_dense(p)]
             if standins:
                 bucket.standins = []
                 for i, p in standins:
                     dense = locals_[i] = torch.empty_like(p, memory_format=torch.preserve_format)
                     bucket.standins.append((p, dense))
                 bucket.lend_standins()
-            if any(_is_dtensor(p) for p in bucket.params):
+            if any(is_dtensor(p) for p in bucket.params):
                 bucket.sharded = [(p, local) for p, local in zip(bucket.params, locals_, strict=True)
-                                  if _is_dtensor(p)]
+                                  if is_dtensor(p)]
                 bucket.lend_local_grads()
             bucket.native = native.OptimBucket(locals_, states, steps, bucket.group_index, masters, ids)
             if bucket.backend == "triton":
@@ -210,7 +210,7 @@ class PlanMixin:
             buckets.append(bucket)
         if fresh_ids:
             self._slots["fresh"] = ()  # the buckets hold them now
-        return _Plan(buckets, native.NoGradWatch(without_grad))
+        return Plan(buckets, native.NoGradWatch(without_grad))
 
     def _settle_fresh(self) -> None:
         """Settles the fresh flags that compiled SGD steps left open (_slots["unfilled"]: param ids of momentum
@@ -248,6 +248,6 @@ class PlanMixin:
         # into its new layout, element by element as torch indexes them.
         for key in (*self._state_keys, MASTER_KEY):
             value = state.get(key)
-            if isinstance(value, torch.Tensor) and _local(value).stride() != _walked_strides(_local(p)):
+            if isinstance(value, torch.Tensor) and local_shard(value).stride() != walked_strides(local_shard(p)):
                 state[key] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(value)
         return created

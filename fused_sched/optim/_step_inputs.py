@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _hyper
-from ._tensors import _on
+from ._tensors import on_device
 
 
 class StepInputsMixin:
@@ -44,8 +44,8 @@ class StepInputsMixin:
             table = tables[device] = self._hyper_table(device, rows)
             self._device_values(table)
         amp = {
-            "grad_scale": _on(grad_scale, device),
-            "found_inf": _on(found_inf, device),
+            "grad_scale": on_device(grad_scale, device),
+            "found_inf": on_device(found_inf, device),
             "clip_coef": None if clip is None else clip.get(device),
             "step_advance": self._step_advance(device),
         }

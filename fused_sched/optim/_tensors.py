@@ -6,15 +6,15 @@ from __future__ import annotations
 import torch
 
 
-def _is_dtensor(t) -> bool:
-    dtensor = _dtensor_class()
+def is_dtensor(t) -> bool:
+    dtensor = dtensor_class()
     return dtensor is not None and isinstance(t, dtensor)
 
 
 _DTENSOR = []
 
 
-def _dtensor_class():
+def dtensor_class():
     if not _DTENSOR:
         try:
             from torch.distributed.tensor import DTensor
@@ -24,19 +24,19 @@ def _dtensor_class():
     return _DTENSOR[0]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose memory a kernel updates: a DTensor's local shard, any other tensor itself."""
-    return t._local_tensor if _is_dtensor(t) else t
+    return t._local_tensor if is_dtensor(t) else t
 
 
-def _traced_tensor(value) -> bool:
+def traced_tensor(value) -> bool:
     """A tensor hyper-parameter while Dynamo traces: its value is not compared on the host (that would be a
     data-dependent graph break); it was checked when its param group was added, as a tensor lr's value is checked
     in eager steps too (the row holds 0.0 for it, so a new value never re-runs the checks)."""
     return isinstance(value, torch.Tensor) and torch.compiler.is_compiling()
 
 
-def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+def on_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """A GradScaler tensor on `device`, as a float32 [1]: a non-blocking copy to an accelerator; a blocking one to
     the CPU, whose kernels read it at once (a non-blocking device-to-host copy may not have landed yet)."""
     if t is None:
@@ -46,10 +46,10 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return t.reshape(1)
 
 
-def _walked_strides(t: torch.Tensor) -> tuple:
+def walked_strides(t: torch.Tensor) -> tuple:
     """The strides the kernels walk a parameter's gradient and states with: the parameter's own, or for a parameter
-    that is not dense (a stand-in's, see _Bucket) the contiguous ones that empty_like gives it."""
-    if _dense(t):
+    that is not dense (a stand-in's, see Bucket) the contiguous ones that empty_like gives it."""
+    if is_dense(t):
         return t.stride()
     strides, step = [], 1
     for size in reversed(t.shape):
@@ -58,14 +58,14 @@ def _walked_strides(t: torch.Tensor) -> tuple:
     return tuple(reversed(strides))
 
 
-def _dense_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def dense_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`t` itself when it has the strides of `like`, else a copy of it with them."""
     if t.stride() == like.stride():
         return t
     return torch.empty_like(like).copy_(t)
 
 
-def _dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
     """True when the elements of `t` fill a contiguous block of memory in some order (no gaps, no overlap)."""
     if t.numel() <= 1:
         return True

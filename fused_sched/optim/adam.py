@@ -7,8 +7,8 @@ import torch
 
 from .. import _hyper
 from ._fused_optimizer import FusedOptimizer
-from ._plan import _Bucket
-from ._tensors import _traced_tensor
+from ._plan import Bucket
+from ._tensors import traced_tensor
 
 _ALGORITHM = r"""
     .. math::
@@ -155,7 +155,7 @@ class Adam(FusedOptimizer):
                 raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
-        if not _traced_tensor(lr) and not 0.0 <= lr:
+        if not traced_tensor(lr) and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         eps = group["eps"]
         if not 0.0 <= eps:
@@ -167,7 +167,7 @@ class Adam(FusedOptimizer):
             for i, beta in enumerate(betas):
                 if isinstance(beta, torch.Tensor) and beta.numel() != 1:
                     raise ValueError(f"Tensor betas[{i}] must be 1-element")
-                if not _traced_tensor(beta) and not 0.0 <= beta < 1.0:
+                if not traced_tensor(beta) and not 0.0 <= beta < 1.0:
                     raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
@@ -194,7 +194,7 @@ class Adam(FusedOptimizer):
     def _momentum_column(self) -> int:
         return _hyper.BETA1
 
-    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor, amp: dict) -> None:
+    def _run_bucket(self, bucket: Bucket, hyper: torch.Tensor, amp: dict) -> None:
         schedule, schedule_step = self._schedule_args(bucket.device)
         if bucket.runner is not None:
             bucket.runner.run(bucket.native, hyper, schedule=schedule, schedule_step=schedule_step,

@@ -6,8 +6,8 @@ import torch
 
 from .. import _hyper
 from ._fused_optimizer import FusedOptimizer
-from ._plan import _Bucket
-from ._tensors import _traced_tensor
+from ._plan import Bucket
+from ._tensors import traced_tensor
 
 
 def sgd_row(group: dict) -> tuple:
@@ -110,7 +110,7 @@ class SGD(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if not _traced_tensor(lr) and lr < 0.0:
+        if not traced_tensor(lr) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not at_step and group["momentum"] < 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
@@ -135,7 +135,7 @@ class SGD(FusedOptimizer):
     def _momentum_column(self) -> int:
         return _hyper.MOMENTUM
 
-    def _run_bucket(self, bucket: _Bucket, hyper: torch.Tensor, amp: dict) -> None:
+    def _run_bucket(self, bucket: Bucket, hyper: torch.Tensor, amp: dict) -> None:
         schedule, schedule_step = self._schedule_args(bucket.device)
         fresh = any(bucket.fresh)
         if bucket.runner is not None:
