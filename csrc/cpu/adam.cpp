@@ -21,7 +21,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const size_t n = params.size();
   // Every check runs before anything is written: a rejected call leaves parameters and state untouched.
   check_hyper(hyper_table, group_index, n);
-  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/true);
+  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, kBeta1);
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
               "fused_sched: adam_step_ needs one exp_avg, exp_avg_sq and step per param (", n, " params, ",
               exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");

@@ -17,7 +17,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const StepOptions& options, bool checked) {
   const size_t n = params.size();
   check_hyper(hyper_table, group_index, n);
-  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, /*adam=*/false);
+  const at::Tensor hyper = effective_hyper(hyper_table, schedule, schedule_step, kMomentum);
   TORCH_CHECK(momentum_buffers.size() == n || momentum_buffers.empty(), "fused_sched: momentum_buffers has ",
               momentum_buffers.size(), " entries for ", n, " params");
   TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,

@@ -68,10 +68,12 @@ void check_hyper(const at::Tensor& hyper, at::IntArrayRef group_index, size_t n)
   }
 }
 
-// The hyper table with every scheduled group's lr and momentum / beta1 replaced by its program's value at the
-// scheduler's step: computed once per call, so the kernels read plain rows.
+// The hyper table with every scheduled group's lr and momentum column (the caller's: Adam kBeta1, SGD kMomentum)
+// replaced by its program's value at the scheduler's step: computed once per call, so the kernels read plain rows.
 at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
-                           const std::optional<at::Tensor>& schedule_step, bool adam) {
+                           const std::optional<at::Tensor>& schedule_step, int momentum_column) {
+  TORCH_CHECK(momentum_column >= 0 && momentum_column < kHyperColumns, "fused_sched: momentum_column ",
+              momentum_column, " is not a column of the hyper table");
   if (!schedule.has_value() || !schedule->defined()) return hyper;
   const at::Tensor& table = *schedule;
   TORCH_CHECK(schedule_step.has_value() && schedule_step->defined(), "fused_sched: a schedule needs its step");
@@ -93,7 +95,7 @@ at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tens
     const uint32_t flags = hyper_flags(r + g * kHyperColumns);
     if ((set & (1u << kTargetLr)) && !(flags & kLrFromTable)) r[g * kHyperColumns + kLr] = value[kTargetLr];
     if ((set & (1u << kTargetMomentum)) && !(flags & kMomentumFromTable)) {
-      r[g * kHyperColumns + (adam ? kBeta1 : kMomentum)] = value[kTargetMomentum];
+      r[g * kHyperColumns + momentum_column] = value[kTargetMomentum];
     }
   }
   return rows;

@@ -63,7 +63,7 @@ const KernelTable*& active_kernels();
 ParamType param_type(at::ScalarType t);
 void check_hyper(const at::Tensor& hyper, at::IntArrayRef group_index, size_t n);
 at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
-                           const std::optional<at::Tensor>& schedule_step, bool adam);
+                           const std::optional<at::Tensor>& schedule_step, int momentum_column);
 
 struct Bucket {
   ParamType type;

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_tables_kernel(Ker
     const int64_t group = entry[kColGroup];
 
     double row[kHyperColumns];
-    load_effective_row(a.hyper, group, a.schedule, a.schedule_segments, a.schedule_step, /*adam=*/true, row);
+    load_effective_row<kBeta1>(a.hyper, group, a.schedule, a.schedule_segments, a.schedule_step, row);
     // The float32 step after torch's increment.
     const float new_step = *step_ptr + 1.0f;
     const AdamCoeffs<float> coeffs = adam_coeffs(row, static_cast<double>(new_step));

@@ -182,11 +182,13 @@ struct ParamAccess {
 };
 
 // effective_hyper (csrc/cpu/step_common.cpp) for one group: a copy of its hyper row with the values its schedule
-// program sets at the scheduler's step in place of lr and beta1 (SGD: momentum), unless the row's flags have
-// kLrFromTable / kMomentumFromTable.
+// program sets at the scheduler's step in place of lr and of the kernel's momentum column (Adam: kBeta1, SGD:
+// kMomentum), unless the row's flags have kLrFromTable / kMomentumFromTable.
+template <int kMomentumColumn>
 __device__ __forceinline__ void load_effective_row(const double* hyper, int64_t group, const double* schedule,
-                                                   int64_t segments, const double* schedule_step, bool adam,
+                                                   int64_t segments, const double* schedule_step,
                                                    double (&row)[kHyperColumns]) {
+  static_assert(kMomentumColumn >= 0 && kMomentumColumn < kHyperColumns, "a column of the hyper row");
   const double* h = hyper + group * kHyperColumns;
 #pragma unroll
   for (int k = 0; k < kHyperColumns; ++k) row[k] = h[k];
@@ -196,15 +198,10 @@ __device__ __forceinline__ void load_effective_row(const double* hyper, int64_t 
         evaluate_schedule(schedule + group * segments * kScheduleColumns, segments, *schedule_step, value);
     const uint32_t flags = hyper_flags(row);
     if ((set & (1u << kTargetLr)) && !(flags & kLrFromTable)) row[kLr] = value[kTargetLr];
-    // Constant indices only: row[adam ? kBeta1 : kMomentum] made the whole row a local-memory array (64 bytes
-    // of stack and 48/48 bytes of STL/LDL per step kernel on sm_80 and sm_90, bench/kernel_resources.py).
-    if ((set & (1u << kTargetMomentum)) && !(flags & kMomentumFromTable)) {
-      if (adam) {
-        row[kBeta1] = value[kTargetMomentum];
-      } else {
-        row[kMomentum] = value[kTargetMomentum];
-      }
-    }
+    // A compile-time column: a run-time index (row[adam ? kBeta1 : kMomentum]) made the whole row a local-memory
+    // array (64 bytes of stack and 48/48 bytes of STL/LDL per step kernel on sm_80 and sm_90,
+    // bench/kernel_resources.py).
+    if ((set & (1u << kTargetMomentum)) && !(flags & kMomentumFromTable)) row[kMomentumColumn] = value[kTargetMomentum];
   }
 }
 

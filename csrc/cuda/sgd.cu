@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
     const int64_t group = entry[kColGroup];
 
     double row[kHyperColumns];
-    load_effective_row(a.hyper, group, a.schedule, a.schedule_segments, a.schedule_step, /*adam=*/false, row);
+    load_effective_row<kMomentum>(a.hyper, group, a.schedule, a.schedule_segments, a.schedule_step, row);
     const SgdCoeffs<float> coeffs = sgd_coeffs(row);
     // With momentum the buffer is written, and read unless fresh. A missing buffer (the host cannot read the
     // momentum without a sync) acts as a fresh one that is not kept; the Python side always passes it.
