@@ -22,6 +22,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
@@ -147,5 +149,19 @@ TableLaunch check_table_launch(const at::Tensor& table, const at::Tensor& chunks
                                const std::optional<at::Tensor>& grad_scale,
                                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                                const std::optional<at::Tensor>& step_advance, int64_t sr_seed);
+
+// What every table op (cuda_<optimizer>_tables_) does once its arguments are checked: an empty table only records
+// step_advance (the launcher would refuse the empty table's null address); otherwise `launch(tables, stream)`, the
+// optimizer's launcher, runs on the current stream of the tables' device.
+template <typename Launch>
+void launch_on_tables(const TableLaunch& l, const std::optional<at::Tensor>& step_advance,
+                      const std::optional<at::Tensor>& found_inf, Launch&& launch) {
+  const c10::cuda::CUDAGuard guard(l.device);
+  if (l.tables.n_rows == 0) {
+    record_step_advance(step_advance, found_inf);
+    return;
+  }
+  C10_CUDA_CHECK(launch(l.tables, c10::cuda::getCurrentCUDAStream(l.device.index()).stream()));
+}
 
 }  // namespace fused_sched::cuda

@@ -71,15 +71,10 @@ void sgd_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t 
                      const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance) {
   const TableLaunch l = check_table_launch(table, chunks, chunk_elements, param_type, hyper, counter, schedule,
                                            schedule_step, grad_scale, found_inf, clip_coef, step_advance, 0);
-  const c10::cuda::CUDAGuard guard(l.device);
-  if (l.tables.n_rows == 0) {
-    record_step_advance(step_advance, found_inf);
-    return;
-  }
-  const Tables& t = l.tables;
-  C10_CUDA_CHECK(launch_sgd_tables(l.dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements, l.hyper,
-                                   l.schedule.program, l.schedule.segments, l.schedule.step, l.counter,
-                                   c10::cuda::getCurrentCUDAStream(l.device.index()).stream(), l.options));
+  launch_on_tables(l, step_advance, found_inf, [&](const Tables& t, cudaStream_t stream) {
+    return launch_sgd_tables(l.dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements, l.hyper,
+                             l.schedule.program, l.schedule.segments, l.schedule.step, l.counter, stream, l.options);
+  });
 }
 
 }  // namespace

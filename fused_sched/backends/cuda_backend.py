@@ -53,7 +53,7 @@ class CudaBucketRunner(DeviceTables):
         """csrc/cuda/adam.h launch_adam_tables / sgd.h launch_sgd_tables, through LAUNCHERS."""
         common = (self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, schedule, schedule_step,
                   grad_scale, found_inf, clip_coef, step_advance)
-        LAUNCHERS[self.algorithm](common, sr_seed)
+        self.launcher(common, sr_seed)
 
     def _norm_slots(self) -> int:
         # A launch uses min(n_chunks, blocks the device holds) slots, at least one: this bound needs no device query.

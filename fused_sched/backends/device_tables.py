@@ -61,6 +61,7 @@ class DeviceTables:
         self.device = device
         self.dtype = dtype
         self.algorithm = algorithm
+        self.launcher = self.algorithms[algorithm]  # the update kernel's launcher, resolved once
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         self.table = None
         self.numels = None

@@ -35,7 +35,6 @@ class TritonBucketRunner(DeviceTables):
 
     def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
         super().__init__(device, dtype, algorithm)
-        self.launch = LAUNCHERS[algorithm]
         self.config = None
 
     def _configure(self, numels: list[int]) -> torch.Tensor:
@@ -44,8 +43,8 @@ class TritonBucketRunner(DeviceTables):
 
     def _launch(self, hyper: torch.Tensor, **options) -> None:
         """adam.launch_adam / sgd.launch_sgd."""
-        self.launch(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
-                    BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], **options)
+        self.launcher(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
+                      BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], **options)
 
     def _norm_slots(self) -> int:
         return max(1, min(self.config["num_programs"], self.chunks.shape[0]))
