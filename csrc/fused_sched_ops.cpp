@@ -107,7 +107,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Select the CPU kernel variant (tests and benchmarks); refuses one the CPU cannot run");
   pybind11::class_<fused_sched::OptimBucket>(m, "OptimBucket")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>,
-                          std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>>())
+                          std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                          std::vector<std::vector<at::Tensor>>, std::optional<at::Tensor>>(),
+           pybind11::arg("params"), pybind11::arg("states"), pybind11::arg("steps"), pybind11::arg("group_index"),
+           pybind11::arg("masters"), pybind11::arg("param_ids"), pybind11::arg("formats") = std::vector<int64_t>{},
+           pybind11::arg("absmax") = std::vector<std::vector<at::Tensor>>{}, pybind11::arg("qmap") = std::nullopt)
       // Without the GIL: refresh_grads may run on several threads, and any of them may need the GIL (a tensor
       // subclass whose sizes come from Python, the last reference to a tensor with a Python object).
       .def("refresh_grads", &fused_sched::OptimBucket::refresh_grads, pybind11::call_guard<pybind11::gil_scoped_release>())

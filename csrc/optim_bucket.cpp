@@ -33,13 +33,18 @@ inline bool same(at::IntArrayRef a, at::IntArrayRef b) {
 
 OptimBucket::OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
                          std::vector<at::Tensor> steps, std::vector<int64_t> group_index,
-                         std::vector<at::Tensor> masters, std::vector<int64_t> param_ids)
+                         std::vector<at::Tensor> masters, std::vector<int64_t> param_ids,
+                         std::vector<int64_t> formats, std::vector<std::vector<at::Tensor>> absmax,
+                         std::optional<at::Tensor> qmap)
     : params_(std::move(params)),
       states_(std::move(states)),
       steps_(std::move(steps)),
       group_index_(std::move(group_index)),
       masters_(std::move(masters)),
       param_ids_(std::move(param_ids)),
+      formats_(std::move(formats)),
+      absmax_(std::move(absmax)),
+      qmap_(std::move(qmap)),
       dtype_(params_.empty() ? at::kFloat : params_[0].scalar_type()),
       device_(params_.empty() ? at::Device(at::kCPU) : params_[0].device()) {
   TORCH_CHECK(group_index_.size() == params_.size(), "fused_sched: one group index per param");
@@ -48,10 +53,19 @@ OptimBucket::OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector
   }
   TORCH_CHECK(masters_.empty() || masters_.size() == params_.size(), "fused_sched: one master (or none) per param");
   TORCH_CHECK(param_ids_.size() == params_.size(), "fused_sched: one param id per param");
+  TORCH_CHECK(formats_.empty() || formats_.size() == params_.size(), "fused_sched: one format (or none) per param");
+  TORCH_CHECK(absmax_.empty() || absmax_.size() == 2, "fused_sched: absmax holds two lists (state0, state1)");
+  for (const auto& list : absmax_) {
+    TORCH_CHECK(list.empty() || list.size() == params_.size(), "fused_sched: one absmax tensor per param");
+  }
   for (size_t i = 0; i < masters_.size(); ++i) {
     const at::Tensor& m = masters_[i];
-    if (m.defined() && m.numel() > 0) check_companion(params_[i], m, at::kFloat, "masters", i);
+    if (m.defined() && m.numel() > 0) {
+      const bool remainder = !formats_.empty() && (formats_[i] & kFormatMasterRemainder);
+      check_companion(params_[i], m, remainder ? at::kShort : at::kFloat, "masters", i);
+    }
   }
+  for (size_t i = 0; i < formats_.size(); ++i) check_state_format(i);
   grads_.resize(params_.size());
   const int64_t n = static_cast<int64_t>(params_.size());
   table_ = at::zeros({n, kTableColumns}, at::kLong);
@@ -82,7 +96,53 @@ OptimBucket::OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector
     row[kColGroup] = group_index_[i];
     row[kColMaster] = masters_.empty() ? 0 : address(masters_[i]);
     row[kColParamId] = param_ids_[i];
+    row[kColFormat] = formats_.empty() ? 0 : formats_[i];
+    if ((row[kColFormat] & kFormatMask) == kFormatBlockwise8bit) {
+      row[kColAbsmax0] = address(absmax_[0][i]);
+      row[kColAbsmax1] = absmax_[1].empty() ? 0 : address(absmax_[1][i]);
+      row[kColQmap] = address(*qmap_);
+    }
   }
+}
+
+void OptimBucket::check_state_format(size_t i) const {
+  // The kernels trust the table: every tensor a format makes them read is checked here, once.
+  const at::Tensor& p = params_[i];
+  const int64_t format = formats_[i];
+  const int64_t moments = format & kFormatMask;
+  TORCH_CHECK(moments <= kFormatBlockwise8bit && (format & ~int64_t{0xFFFF}) == 0 &&
+                  (format & 0xF8) == 0,
+              "fused_sched: params[", i, "] has an unknown state format ", format);
+  TORCH_CHECK(!(format & kFormatMasterRemainder) || p.scalar_type() == at::kBFloat16, "fused_sched: params[", i,
+              "]: remainder masters need a bfloat16 param");
+  const at::ScalarType state_dtype =
+      moments == kFormatFloat32 ? at::kFloat : (moments == kFormatBFloat16 ? at::kBFloat16 : at::kByte);
+  for (size_t k = 0; k < states_.size(); ++k) {
+    if (states_[k].empty()) continue;
+    const at::Tensor& s = states_[k][i];
+    if (s.defined() && s.numel() > 0) check_companion(p, s, state_dtype, "states", i);
+  }
+  if (moments != kFormatBlockwise8bit) return;
+  const int64_t shift = (format >> kFormatBlockShift) & 0xFF;
+  TORCH_CHECK(shift >= 5 && shift <= 8, "fused_sched: params[", i, "]: 8-bit block size 2^", shift,
+              " outside 32..256");
+  TORCH_CHECK(qmap_.has_value() && qmap_->scalar_type() == at::kFloat && qmap_->numel() == 4 * 256 &&
+                  qmap_->is_contiguous() && qmap_->device() == p.device(),
+              "fused_sched: 8-bit states need the float32 [4, 256] code table on the param's device");
+  const int64_t blocks = (p.numel() + (int64_t{1} << shift) - 1) >> shift;
+  TORCH_CHECK(absmax_.size() == 2, "fused_sched: 8-bit states need their absmax tensors");
+  for (size_t k = 0; k < 2; ++k) {
+    if (absmax_[k].empty()) continue;
+    const at::Tensor& a = absmax_[k][i];
+    const bool has_state = k < states_.size() && !states_[k].empty() && states_[k][i].defined() &&
+                           states_[k][i].numel() > 0;
+    if (!has_state) continue;
+    TORCH_CHECK(a.defined() && a.scalar_type() == at::kFloat && a.numel() == blocks && a.is_contiguous() &&
+                    a.device() == p.device(),
+                "fused_sched: absmax of state ", k, " of params[", i, "] must be a contiguous float32 tensor of ",
+                blocks, " elements on ", p.device());
+  }
+  TORCH_CHECK(!absmax_[0].empty(), "fused_sched: 8-bit states need the absmax of state0");
 }
 
 const char* OptimBucket::refresh_range(size_t begin, size_t end, size_t* failed, bool* changed) {

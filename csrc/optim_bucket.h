@@ -23,9 +23,15 @@ class OptimBucket {
   // momentum_buffer); a list may be empty when no tensor needs it. steps: Adam's step tensors (may be empty).
   // masters: empty, or one per param: its float32 master copy (master_weights) or an undefined / empty tensor.
   // param_ids: each param's index in the optimizer (stochastic rounding keys its random bits on it).
+  // State formats (docs/state_formats.md): formats: empty (all float32) or one kColFormat value per param; a state
+  // and a master are then of the dtype the format says (uint8 codes, bfloat16, float32; an int16 remainder
+  // master). absmax: empty, or two lists (of state0, of state1), each empty or one float32 tensor per param of
+  // ceil(numel / block) elements where the param's states are 8-bit (an empty tensor elsewhere). qmap: the float32
+  // [4, 256] code table, needed when a param is 8-bit.
   OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
               std::vector<at::Tensor> steps, std::vector<int64_t> group_index, std::vector<at::Tensor> masters,
-              std::vector<int64_t> param_ids);
+              std::vector<int64_t> param_ids, std::vector<int64_t> formats = {},
+              std::vector<std::vector<at::Tensor>> absmax = {}, std::optional<at::Tensor> qmap = std::nullopt);
 
   // Reads every parameter's .grad. Returns an empty string when all gradients are present and laid out like
   // their parameters and no parameter changed dtype, device or shape; otherwise a description of the first
@@ -49,7 +55,7 @@ class OptimBucket {
   double grad_norm_accumulate(double norm_type, double grad_scale) const;
 
   // int64 [n, kTableColumns] address table (optim_math.h TableColumn): param, grad, state0-2, step addresses,
-  // numel, group index, master address, param id, on the CPU; absent tensors hold 0. Valid after
+  // numel, group index, master address, param id, state format, absmax0/1 and code table addresses, on the CPU; absent tensors hold 0. Valid after
   // refresh_grads(); the same tensor every time (the caller may write column kColStep, which the next
   // refresh_grads() overwrites with the step addresses, or 0).
   at::Tensor address_table() const { return table_; }
@@ -76,6 +82,9 @@ class OptimBucket {
   std::vector<int64_t> group_index_;
   std::vector<at::Tensor> masters_;
   std::vector<int64_t> param_ids_;
+  std::vector<int64_t> formats_;
+  std::vector<std::vector<at::Tensor>> absmax_;
+  std::optional<at::Tensor> qmap_;
   at::ScalarType dtype_;
   at::Device device_;
   at::Tensor table_;
@@ -89,6 +98,8 @@ class OptimBucket {
   std::vector<int64_t> step_column_;
 
   cpu::StepOptions options(const Amp& amp, int64_t sr_seed) const;
+  // The checks of params[i]'s state format, its states', absmax and code table dtypes and sizes.
+  void check_state_format(size_t i) const;
   // refresh_grads() over params [begin, end): nullptr, or the problem found first and its index in *failed;
   // *changed: whether a table entry changed.
   const char* refresh_range(size_t begin, size_t end, size_t* failed, bool* changed);

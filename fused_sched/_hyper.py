@@ -24,6 +24,8 @@ LR_FROM_TABLE = 64
 # The same for the momentum target (Adam's beta1, SGD's momentum): written into the param group by hand since the
 # scheduler's last step.
 MOMENTUM_FROM_TABLE = 128
+# bfloat16 moments written rounded to nearest even instead of stochastically (state_rounding="nearest").
+STATE_ROUND_NEAREST = 256
 
 
 def scalar(value) -> float:

@@ -28,6 +28,7 @@ import torch
 
 from fused_sched import backends
 from fused_sched._extension import load_extension
+from fused_sched.backends.device_tables import TABLE_COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_DIR = Path(__file__).resolve().parent / "cuda_host"
@@ -106,8 +107,10 @@ def _ptr(t: torch.Tensor | None):
 
 def _check_tables(table: torch.Tensor, chunks: torch.Tensor, chunk_elements: int) -> None:
     # The glue's check_tables (csrc/cuda/common_torch.cpp), for CPU tensors.
-    if not (table.dtype == torch.int64 and table.dim() == 2 and table.shape[1] == 10 and table.is_contiguous()):
-        raise ValueError(f"table must be a contiguous int64 tensor [rows, 10], got {table.dtype} {list(table.shape)}")
+    if not (table.dtype == torch.int64 and table.dim() == 2 and table.shape[1] == TABLE_COLUMNS
+            and table.is_contiguous()):
+        raise ValueError(f"table must be a contiguous int64 tensor [rows, {TABLE_COLUMNS}], got {table.dtype} "
+                         f"{list(table.shape)}")
     if not (chunks.dtype == torch.int64 and chunks.dim() == 2 and chunks.shape[1] == 2 and chunks.is_contiguous()):
         raise ValueError(f"chunks must be a contiguous int64 tensor [n_chunks, 2], got {list(chunks.shape)}")
     if chunk_elements <= 0:

@@ -21,6 +21,8 @@
 //   amsgrad as plain Adam / momentum without a kept buffer. The Python side always passes them when needed.
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -71,6 +73,8 @@ DeviceTables upload_tables(at::TensorList params, const at::Device& device, RowF
   int64_t* t = host.data_ptr<int64_t>();
   int64_t* c = t + n * kTableColumns;
   for (int64_t i = 0; i < n; ++i) {
+    // Columns a row function leaves alone are 0: the list ops run float32 states (kColFormat 0, no 8-bit columns).
+    std::fill(t + i * kTableColumns, t + (i + 1) * kTableColumns, int64_t{0});
     fill_row(static_cast<size_t>(i), t + i * kTableColumns);
     const int64_t numel = params[i].numel();
     for (int64_t start = 0; start < numel; start += kDefaultChunkElements) {

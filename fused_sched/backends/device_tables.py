@@ -6,7 +6,8 @@ csrc/cuda/launch_common.h, backends/triton/):
 
 * address table: int64 ``[n, TABLE_COLUMNS]``, one row per tensor: param, grad, state0, state1, state2 addresses,
   column 5 (Adam: the address of the float32 step tensor; SGD: the "fresh buffer" flag), numel, param-group index,
-  float32 master-copy address, param id. The C++ bucket (``OptimBucket.address_table``) writes it on the host.
+  master address (float32 copy, or int16 remainders), param id, state format, 8-bit absmax of state0 and state1,
+  code table (docs/state_formats.md). The C++ bucket (``OptimBucket.address_table``) writes it on the host.
 * chunk map (``build_chunks``): int64 ``[n_chunks, 2]`` of (row, start); a chunk covers elements
   ``[start, min(start + chunk, numel))`` of one tensor.
 * ticket counter: int32 ``[1]``, zero before the first launch; each launch leaves it zero.
@@ -22,8 +23,11 @@ from __future__ import annotations
 
 import torch
 
-TABLE_COLUMNS = 10
+TABLE_COLUMNS = 14
 COL_GRAD, COL_STEP, COL_NUMEL, COL_MASTER, COL_PARAM_ID = 1, 5, 6, 8, 9
+# State formats (docs/state_formats.md, fused_sched/optim/state_format.py): the format bit field, the 8-bit
+# blocks' absmax of state0 and state1, the code table.
+COL_FORMAT, COL_ABSMAX0, COL_ABSMAX1, COL_QMAP = 10, 11, 12, 13
 
 
 def build_chunks(numels: list[int], chunk: int) -> torch.Tensor:

@@ -53,6 +53,7 @@ enum HyperFlag : uint32_t {
   kLrFromTable = 64u,          // the row's lr holds even where a schedule program sets one (an lr written into the
                                // param group by hand since the scheduler's last step, or a tensor lr)
   kMomentumFromTable = 128u,   // the same for the momentum target (Adam: beta1, SGD: momentum) written by hand
+  kStateRoundNearest = 256u,   // bfloat16 moments are written rounded to nearest even instead of stochastically
 };
 
 // Columns of the int64 address table that the device kernels (Triton, CUDA) read, one row per tensor of a bucket
@@ -69,7 +70,21 @@ enum TableColumn : int {
   kColGroup = 7,
   kColMaster = 8,   // float32 master copy of a low-precision param (master_weights), 0 without one
   kColParamId = 9,  // the param's index in the optimizer (stochastic rounding draws its bits from it)
-  kTableColumns = 10,
+  kColFormat = 10,  // the state format bit field (StateFormat below; docs/state_formats.md)
+  kColAbsmax0 = 11, // blockwise 8-bit: float32 absmax per block of state0, 0 otherwise
+  kColAbsmax1 = 12, // blockwise 8-bit: float32 absmax per block of state1, 0 otherwise
+  kColQmap = 13,    // blockwise 8-bit: the float32 [4, 256] code table (state_format.qmap), 0 otherwise
+  kTableColumns = 14,
+};
+
+// Bits of the kColFormat column (fused_sched/optim/state_format.py mirrors them).
+enum StateFormat : int64_t {
+  kFormatFloat32 = 0,          // moments float32
+  kFormatBFloat16 = 1,         // moments bfloat16 (stochastic rounding unless kStateRoundNearest)
+  kFormatBlockwise8bit = 2,    // moments uint8 codes with a float32 absmax per block
+  kFormatMask = 3,
+  kFormatMasterRemainder = 4,  // kColMaster holds int16 low halves of float32 masters of a bfloat16 param
+  kFormatBlockShift = 8,       // bits 8-15: log2 of the 8-bit block size
 };
 
 // Set by adam_coeffs / sgd_coeffs when weight_decay == 0: torch skips the L2 add then, and AdamW's multiply by

@@ -148,7 +148,9 @@ def _address_table(params, grads, states, steps, group_index, master_params=None
         step = steps[i] if isinstance(steps[i], int) else addr(steps[i])  # SGD passes its fresh flags here
         master = addr(master_params[i]) if master_params else 0
         param_id = param_ids[i] if param_ids else i
-        rows.append([addr(p), addr(grads[i]), *state_addrs, step, p.numel(), group_index[i], master, param_id])
+        # The list ops run float32 states only: format 0, no 8-bit columns.
+        rows.append([addr(p), addr(grads[i]), *state_addrs, step, p.numel(), group_index[i], master, param_id,
+                     0, 0, 0, 0])
     return torch.tensor(rows, dtype=torch.int64).reshape(len(params), TABLE_COLUMNS)
 
 
