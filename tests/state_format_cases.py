@@ -72,6 +72,7 @@ def make_case(dtype, numels, moment_format, *, seed=0, block_size=256, remainder
     for n in numels:
         p = torch.randn(n, generator=gen).to(dtype)
         p.grad = torch.randn(n, generator=gen).to(dtype)
+        params.append(p)
         m = torch.randn(n, generator=gen) * 0.1
         v = torch.rand(n, generator=gen) * 0.01
         if moment_format == sf.BLOCKWISE_8BIT:
@@ -121,7 +122,7 @@ def mirror_step(backend, algorithm, case, hyper_table, *, sr_seed=0, state_round
     out = clone_case(case)
     bs = case["block_size"]
     fmt = case["moment_format"]
-    signed = (True, False)
+    signed = (True, False, False)  # exp_avg / momentum, exp_avg_sq, max_exp_avg_sq
     wide = [[widen(s, case["absmax"][k][i] if case["absmax"] else None, signed[k], bs)
              for i, s in enumerate(col)] for k, col in enumerate(case["states"])]
     masters = []
@@ -164,7 +165,7 @@ def formatted_step(backend, algorithm, case, hyper_table, *, sr_seed=0, fresh=No
 def assert_same(got, expected):
     """Bit-equality of params, states, absmax, steps and masters."""
     def bits(t):
-        return t.detach().contiguous().view(torch.uint8)
+        return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
     for name in ("params", "steps", "masters"):
         for i, (a, b) in enumerate(zip(got[name], expected[name], strict=True)):
