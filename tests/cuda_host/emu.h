@@ -37,8 +37,10 @@ struct dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
+struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 template <typename T> inline T __ldca(const T* p) { return *p; }
@@ -70,24 +72,42 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
 
 inline std::barrier<>* emu_block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
-inline std::vector<double> emu_shfl;
+// Warp exchanges: each lane writes its value's bits to its slot, the warp meets at a barrier, each lane reads its
+// source lane's slot, and the warp meets again before any slot is reused. Every lane of the warp must take part
+// (the kernels use full masks only), as a real shuffle with a full mask requires.
+inline std::vector<uint64_t> emu_shfl;
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu_warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline double __shfl_down_sync(unsigned, double v, int offset) {
-  const unsigned t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  emu_shfl[t] = v;
+template <typename T>
+inline T emu_exchange(T v, unsigned source_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "a register value");
+  const unsigned t = threadIdx.x, warp = t >> 5;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof v);  // bits, not values: a NaN's payload travels unchanged
+  emu_shfl[t] = bits;
   emu_warp_barriers[warp]->arrive_and_wait();
-  const double r = lane + offset < 32 ? emu_shfl[t + offset] : v;
+  T r;
+  std::memcpy(&r, &emu_shfl[(warp << 5) | source_lane], sizeof r);
   emu_warp_barriers[warp]->arrive_and_wait();
   return r;
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, int offset) {
+  const unsigned lane = threadIdx.x & 31;
+  return emu_exchange(v, lane + offset < 32 ? lane + offset : lane);  // out of range: the lane's own value
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  return emu_exchange(v, (threadIdx.x & 31) ^ static_cast<unsigned>(mask & 31));
 }
 
 template <typename Kernel, typename Args>
 void emu_launch(unsigned grid, unsigned threads, Kernel kernel, const Args& args) {
   gridDim.x = grid;
   blockDim.x = threads;
-  emu_shfl.assign(threads, 0.0);
+  emu_shfl.assign(threads, 0);
   for (unsigned b = 0; b < grid; ++b) {
     std::barrier<> block(threads);
     emu_block_barrier = &block;
