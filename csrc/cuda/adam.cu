@@ -7,6 +7,7 @@
 #include "adam.h"
 #include "fused_sched/adam_math.h"
 #include "kernel_common.cuh"
+#include "state_format.cuh"
 
 namespace fused_sched::cuda {
 namespace {
@@ -16,6 +17,64 @@ __device__ __forceinline__ void adam_elements(float (&p)[N], float (&g)[N], floa
                                               float (&vmax)[N], const AdamCoeffs<float>& c) {
 #pragma unroll
   for (int i = 0; i < N; ++i) adam_element(p[i], g[i], m[i], v[i], vmax[i], c);
+}
+
+// A row of another state format (docs/state_formats.md, state_format.cuh): its moments (kFormat) widened to
+// float32, the unchanged adam_element, the results narrowed (bfloat16: to nearest even with kStateRoundNearest,
+// else stochastically under state_rounding_key; 8-bit: each block's new absmax, then the codes); bfloat16 params
+// with int16 remainders update the joined float32 master. 8-bit rows never have amsgrad (Python rejects it):
+// their state2 is not read. `step` is the float32 step after its increment.
+template <typename P, int64_t kFormat>
+__device__ __forceinline__ void adam_formatted_chunk(const KernelArgs& a, const int64_t* entry, int64_t start,
+                                                     const AdamCoeffs<float>& coeffs, const GradPrescale<float>& pre,
+                                                     float step) {
+  using Bits = typename ParamTraits<P>::Bits;
+  constexpr bool k8bit = kFormat == kFormatBlockwise8bit;
+  const int64_t numel = entry[kColNumel];
+  const int64_t end = start + a.chunk_elements < numel ? start + a.chunk_elements : numel;
+  const uint32_t key =
+      rounding_key(a.sr_seed, static_cast<uint32_t>(step), static_cast<uint32_t>(entry[kColParamId]));
+  const auto param = FormattedParam<P, true>::make(entry, (coeffs.flags & kStochasticRounding) != 0, key);
+  Bits* const grad = as_ptr<Bits>(entry[kColGrad]);
+  const float* table = nullptr;
+  if constexpr (k8bit) table = stage_qmap(as_ptr<const float>(entry[kColQmap]));
+  const bool nearest = (coeffs.flags & kStateRoundNearest) != 0;
+  const auto m0 = moment_lane<kFormat>(entry, 0, table, nearest, state_rounding_key(key, 0));
+  const auto m1 = moment_lane<kFormat>(entry, 1, table, nearest, state_rounding_key(key, 1));
+  const auto m2 = moment_lane<kFormat>(entry, 2, table, nearest, state_rounding_key(key, 2));
+  const bool amsgrad = !k8bit && (coeffs.flags & kAmsgrad) && entry[kColState2] != 0;
+  const int lanes = k8bit ? lanes_per_block(entry) : 1;
+  const bool aligned = param.aligned(start) && aligned16(grad + start) && m0.aligned(start) && m1.aligned(start) &&
+                       (!amsgrad || m2.aligned(start));
+  // The same trips for every thread of the block (8-bit rows shuffle).
+  for (int64_t base = start; base < end; base += static_cast<int64_t>(blockDim.x) * kLaneElements) {
+    const LaneSpan s = lane_span(base, end, aligned);
+    float p[kLaneElements], g[kLaneElements], m[kLaneElements], v[kLaneElements], vmax[kLaneElements];
+    param.load(s, p);
+    load_grads<P>(grad, s, pre, g);
+    m0.load(s, m);
+    m1.load(s, v);
+    if (amsgrad) {
+      m2.load(s, vmax);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kLaneElements; ++k) vmax[k] = 0.0f;
+    }
+    adam_elements(p, g, m, v, vmax, coeffs);
+    // The order of the stores only sets which values stay live (ptxas -v: the fewest registers this way).
+    if constexpr (k8bit) {
+      param.store(s, p);
+      float am = lane_absmax(s, m), av = lane_absmax(s, v);
+      group_absmax2(am, av, lanes);
+      m0.quantize_store(s, m, am, lanes);
+      m1.quantize_store(s, v, av, lanes);
+    } else {
+      m0.store(s, m);
+      m1.store(s, v);
+      if (amsgrad) m2.store(s, vmax);
+      param.store(s, p);
+    }
+  }
 }
 
 template <typename P>
@@ -44,6 +103,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_tables_kernel(Ker
     // The float32 step after torch's increment.
     const float new_step = *step_ptr + 1.0f;
     const AdamCoeffs<float> coeffs = adam_coeffs(row, static_cast<double>(new_step));
+    const int64_t format = entry[kColFormat];
+    if (format != kFormatFloat32) {
+      switch (state_format_of(format)) {
+        case kFormatBFloat16: adam_formatted_chunk<P, kFormatBFloat16>(a, entry, start, coeffs, pre, new_step); break;
+        case kFormatBlockwise8bit:
+          adam_formatted_chunk<P, kFormatBlockwise8bit>(a, entry, start, coeffs, pre, new_step);
+          break;
+        default: adam_formatted_chunk<P, kFormatFloat32>(a, entry, start, coeffs, pre, new_step);  // remainders
+      }
+      continue;
+    }
     if constexpr (Access::kCanRoundStochastically) {
       if ((coeffs.flags & kStochasticRounding) && param.master == nullptr) {
         param.stochastic = true;

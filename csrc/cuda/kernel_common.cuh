@@ -27,10 +27,12 @@ namespace fused_sched::cuda {
 // Untuned (no GPU was available when these were chosen).
 constexpr int kThreads = 256;     // threads per block
 // Persistent blocks per SM: grid = min(n_chunks, SMs * kBlocksPerSm), and the kernels' __launch_bounds__ make
-// sure that many fit (at most 128 registers a thread). ptxas (CUDA 13, -Xptxas -v) gives the Adam kernels 94-122
-// registers and the SGD kernels 81-84, without spills; the 64-byte stack frame is the schedule evaluation's
-// (per chunk, not per element). Capping them at 64 registers for 4 blocks (__launch_bounds__(kThreads, 4))
-// spilled about 200 bytes in the bf16/fp16 Adam kernels (before master weights), so it was not done.
+// sure that many fit (at most 128 registers a thread). ptxas (CUDA 13, -Xptxas -v, sm_90) gives the Adam kernels
+// 116-122 registers and the SGD kernels 92, without spills (96-122 and 90 before the state formats: the 8-element
+// lanes of the formatted rows, state_format.cuh, set the float32 kernels' count now; occupancy is the grid's
+// kBlocksPerSm either way); the 40-byte stack frame is the schedule evaluation's (per chunk, not per element).
+// Capping them at 64 registers for 4 blocks (__launch_bounds__(kThreads, 4)) spilled about 200 bytes in the
+// bf16/fp16 Adam kernels (before master weights), so it was not done.
 constexpr int kBlocksPerSm = 2;
 constexpr int kMaxCachedDevices = 64;
 

@@ -4,13 +4,23 @@
 //
 // The tables are those of the Triton backend (fused_sched/backends/triton_kernels.py), all on the device:
 // * table: int64 [n_rows, kTableColumns] (optim_math.h TableColumn), one row per tensor: param, grad, state0,
-//   state1, state2 addresses, kColStep, numel, param-group index, float32 master-copy address, param id.
+//   state1, state2 addresses, kColStep, numel, param-group index, float32 master-copy address, param id, state
+//   format, absmax0, absmax1, code table.
 //   Adam: state0 = exp_avg, state1 = exp_avg_sq, state2 = max_exp_avg_sq (0 when absent), kColStep = address of
 //   the float32 one-element step tensor. SGD: state0 = momentum_buffer (0 when absent), kColStep = the "fresh
 //   buffer" flag (nonzero on the step that creates the buffer). kColMaster: 0, or a float32 copy laid out like
 //   the param, read and written in its place (the param receives it rounded to nearest even). kColParamId: the
 //   param's index in the optimizer, which keys stochastic rounding's random bits. An address is 0 for a tensor
 //   of numel 0.
+//   The low-memory state formats (docs/state_formats.md, state_format_math.h; kernels in state_format.cuh):
+//   kColFormat, a bit field per row: bits 0-1 the moments' format (0 float32, 1 bfloat16, 2 blockwise 8-bit
+//   codes), bit 2 (kFormatMasterRemainder) kColMaster holding int16 remainders of a bfloat16 param instead of a
+//   float32 master, bits 8-15 log2 of the 8-bit block size (32..256). kColAbsmax0 / kColAbsmax1: the float32
+//   absmax per block of state0 / state1 (8-bit rows), kColQmap: the float32 [4, 256] code table (8-bit rows).
+//   Rows of format 0 take the float32 path, unchanged; the others are handled per chunk by their own code. Adam:
+//   bfloat16 moments are written stochastically (state_rounding_key) unless the group's flags have
+//   kStateRoundNearest; 8-bit rows have no amsgrad (their state2 is not read). SGD: format 0 or 2 (a bfloat16
+//   buffer would be rounded to nearest even). The list-taking ops (*_torch.cpp) pass float32 rows only.
 // * chunks: int64 [n_chunks, 2] of (row, start); a chunk covers [start, min(start + chunk_elements, numel)) of
 //   its tensor (the chunk map of triton_kernels.build_chunks(numels, chunk_elements)).
 // * hyper: float64 [groups, kHyperColumns] (optim_math.h).

@@ -7,9 +7,58 @@
 #include "fused_sched/sgd_math.h"
 #include "kernel_common.cuh"
 #include "sgd.h"
+#include "state_format.cuh"
 
 namespace fused_sched::cuda {
 namespace {
+
+// A row of another state format (docs/state_formats.md, state_format.cuh): the momentum buffer (kFormat) widened
+// to float32 (not read when fresh: the buffer becomes the gradient), the unchanged sgd_element, the buffer
+// narrowed (8-bit: each block's new absmax, then the codes); bfloat16 params with int16 remainders update the
+// joined float32 master. SGD has no bfloat16 buffers (no step to key stochastic rounding on; Python rejects
+// them): such a row would be rounded to nearest even.
+template <typename P, int64_t kFormat>
+__device__ __forceinline__ void sgd_formatted_chunk(const KernelArgs& a, const int64_t* entry, int64_t start,
+                                                    const SgdCoeffs<float>& coeffs, const GradPrescale<float>& pre) {
+  using Bits = typename ParamTraits<P>::Bits;
+  constexpr bool k8bit = kFormat == kFormatBlockwise8bit;
+  const int64_t numel = entry[kColNumel];
+  const int64_t end = start + a.chunk_elements < numel ? start + a.chunk_elements : numel;
+  const auto param = FormattedParam<P, false>::make(entry, false, 0u);
+  Bits* const grad = as_ptr<Bits>(entry[kColGrad]);
+  const float* table = nullptr;
+  if constexpr (k8bit) table = stage_qmap(as_ptr<const float>(entry[kColQmap]));
+  const auto buf_lane = moment_lane<kFormat>(entry, 0, table, /*nearest=*/true, 0u);
+  const bool fresh = entry[kColStep] != 0;
+  const bool write_buf = coeffs.has_momentum && entry[kColState0] != 0;
+  const bool read_buf = write_buf && !fresh;
+  const bool element_fresh = fresh || entry[kColState0] == 0;
+  const int lanes = k8bit ? lanes_per_block(entry) : 1;
+  const bool aligned = param.aligned(start) && aligned16(grad + start) && (!write_buf || buf_lane.aligned(start));
+  // The same trips for every thread of the block (8-bit rows shuffle).
+  for (int64_t base = start; base < end; base += static_cast<int64_t>(blockDim.x) * kLaneElements) {
+    const LaneSpan s = lane_span(base, end, aligned);
+    float p[kLaneElements], g[kLaneElements], buf[kLaneElements];
+    param.load(s, p);
+    load_grads<P>(grad, s, pre, g);
+    if (read_buf) {
+      buf_lane.load(s, buf);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kLaneElements; ++k) buf[k] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kLaneElements; ++k) sgd_element(p[k], g[k], buf[k], element_fresh, coeffs);
+    param.store(s, p);
+    if (write_buf) {  // the same for the whole block (one row)
+      if constexpr (k8bit) {
+        buf_lane.quantize_store(s, buf, group_absmax(lane_absmax(s, buf), lanes), lanes);
+      } else {
+        buf_lane.store(s, buf);
+      }
+    }
+  }
+}
 
 template <typename P>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(KernelArgs a) {
@@ -33,6 +82,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
     double row[kHyperColumns];
     load_effective_row<kMomentum>(a.hyper, group, a.schedule, a.schedule_segments, a.schedule_step, row);
     const SgdCoeffs<float> coeffs = sgd_coeffs(row);
+    const int64_t format = entry[kColFormat];
+    if (format != kFormatFloat32) {
+      switch (state_format_of(format)) {
+        case kFormatBFloat16: sgd_formatted_chunk<P, kFormatBFloat16>(a, entry, start, coeffs, pre); break;
+        case kFormatBlockwise8bit: sgd_formatted_chunk<P, kFormatBlockwise8bit>(a, entry, start, coeffs, pre); break;
+        default: sgd_formatted_chunk<P, kFormatFloat32>(a, entry, start, coeffs, pre);  // remainders
+      }
+      continue;
+    }
     // With momentum the buffer is written, and read unless fresh. A missing buffer (the host cannot read the
     // momentum without a sync) acts as a fresh one that is not kept; the Python side always passes it.
     const bool write_buf = coeffs.has_momentum && buf_ptr != nullptr;
