@@ -129,12 +129,15 @@ SGD_UNIFORM = [
 ]
 
 
-@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
-@pytest.mark.parametrize("fresh", [False, True], ids=["kept", "fresh"])
-@pytest.mark.parametrize("dtype,fmt,block,remainder", SGD_UNIFORM, ids=[_case_id(v) for v in SGD_UNIFORM])
+# Every case kept and fresh, plain and Nesterov, except the fresh Nesterov step of low-precision params.
+SGD_RUNS = [(*c, fresh, nesterov) for c in SGD_UNIFORM for fresh in (False, True) for nesterov in (False, True)
+            if not (fresh and nesterov and c[0] != "f32")]
+
+
+@pytest.mark.parametrize("dtype,fmt,block,remainder,fresh,nesterov", SGD_RUNS,
+                         ids=[_case_id(r[:4]) + ("-fresh" if r[4] else "") + ("-nesterov" if r[5] else "")
+                              for r in SGD_RUNS])
 def test_sgd_formats_match_the_mirror(cuda_backend, dtype, fmt, block, remainder, fresh, nesterov):
-    if fresh and nesterov and dtype != "f32":
-        pytest.skip("the fresh Nesterov step is covered by float32 params")
     case = _device(make_case(DTYPES[dtype], NUMELS, fmt, seed=2, block_size=block, remainder=remainder,
                                    algorithm="sgd"))
     hyper_table = cases.hyper("sgd", nesterov=nesterov, dampening=0.0 if nesterov else 0.25)
@@ -149,14 +152,18 @@ def test_sgd_formats_match_the_mirror(cuda_backend, dtype, fmt, block, remainder
 
 # -- buckets mixing formats (and amsgrad's third moment): a per-tensor mirror --
 
+REM, MASTER = "remainder", "float32 master"
+
+
 def _mixed_case(dtype, specs, algorithm="adam", amsgrad=False, seed=3):
-    """One bucket of tensors of different formats: specs holds (numel, moment format, block size, remainder)."""
-    parts = [make_case(dtype, [n], fmt, seed=seed + i, block_size=block, remainder=rem, algorithm=algorithm)
+    """One bucket of tensors of different formats: specs holds (numel, moment format, block size, master) where
+    master is REM (int16 remainders), MASTER (a float32 master copy) or None."""
+    parts = [make_case(dtype, [n], fmt, seed=seed + i, block_size=block, remainder=rem == REM, algorithm=algorithm)
              for i, (n, fmt, block, rem) in enumerate(specs)]
     columns = 2 if algorithm == "adam" else 1
     out = {"params": [], "states": [[] for _ in range(columns)], "absmax": [[], []], "steps": [], "masters": [],
            "formats": [], "block_size": 256, "moment_format": None, "remainder": None, "meta": []}
-    any_remainder = any(rem for *_, rem in specs)
+    any_master = any(rem for *_, rem in specs)
     for part, (n, fmt, block, rem) in zip(parts, specs, strict=True):
         out["params"] += part["params"]
         for k in range(columns):
@@ -164,8 +171,13 @@ def _mixed_case(dtype, specs, algorithm="adam", amsgrad=False, seed=3):
         for k in range(2):
             out["absmax"][k].append(part["absmax"][k][0] if part["absmax"] else torch.zeros(0))
         out["steps"] += part["steps"]
-        if any_remainder:
-            out["masters"].append(part["masters"][0] if rem else torch.zeros(0))
+        if any_master:
+            if rem == MASTER:
+                p = part["params"][0]
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(n)) * 1e-3
+                out["masters"].append(p.float() + noise)
+            else:
+                out["masters"].append(part["masters"][0] if rem == REM else torch.zeros(0))
         out["formats"] += part["formats"]
         out["meta"].append((fmt, rem, block))
     if amsgrad:
@@ -212,12 +224,13 @@ def _mixed_mirror(algorithm, case, hyper_table, *, sr_seed=0, nearest=False, fre
             for k, col in enumerate(case["states"])]
     masters = []
     if case["masters"]:
-        masters = [sf.join_remainder(p, r) if meta[i][1] else torch.zeros(0, device=p.device)
-                   for i, (p, r) in enumerate(zip(out["params"], case["masters"], strict=True))]
+        # remainders joined; float32 masters (or empty tensors) as they are, updated in place
+        masters = [sf.join_remainder(p, m) if meta[i][1] == REM else m
+                   for i, (p, m) in enumerate(zip(out["params"], out["masters"], strict=True))]
     _run(algorithm, out["params"], wide, out["steps"], hyper_table, masters=masters, fresh=fresh, sr_seed=sr_seed,
          **(options or {}))
     for i, m in enumerate(masters):
-        if meta[i][1]:
+        if meta[i][1] == REM:
             out["params"][i].data.copy_(sf.split_remainder(m)[0])
             out["masters"][i] = sf.split_remainder(m)[1]
     for k, col in enumerate(wide):
@@ -236,13 +249,17 @@ def _mixed_mirror(algorithm, case, hyper_table, *, sr_seed=0, nearest=False, fre
     return out
 
 
-MIXED_BF16 = [(1000, F32, 256, False), (257, BF16, 256, False), (255, Q8, 64, False), (1000, Q8, 256, True),
-              (1, Q8, 32, False), (300, F32, 256, True), (513, BF16, 256, True), (129, Q8, 128, True)]
-MIXED_F32 = [(255, Q8, 256, False), (1, BF16, 256, False), (1000, Q8, 32, False), (257, F32, 256, False),
-             (700, Q8, 128, False)]
+MIXED_BF16 = [(1000, F32, 256, None), (257, BF16, 256, None), (255, Q8, 64, None), (1000, Q8, 256, REM),
+              (1, Q8, 32, None), (300, F32, 256, REM), (513, BF16, 256, REM), (129, Q8, 128, REM),
+              (600, Q8, 64, MASTER), (200, BF16, 256, MASTER)]
+MIXED_F32 = [(255, Q8, 256, None), (1, BF16, 256, None), (1000, Q8, 32, None), (257, F32, 256, None),
+             (700, Q8, 128, None)]
+MIXED_F16 = [(257, Q8, 64, MASTER), (1000, BF16, 256, MASTER), (255, F32, 256, None), (1, Q8, 256, None),
+             (300, BF16, 256, None)]
 
 
-@pytest.mark.parametrize("dtype,specs", [("bf16", MIXED_BF16), ("f32", MIXED_F32)], ids=["bf16", "f32"])
+@pytest.mark.parametrize("dtype,specs", [("bf16", MIXED_BF16), ("f32", MIXED_F32), ("f16", MIXED_F16)],
+                         ids=["bf16", "f32", "f16"])
 def test_adam_bucket_mixing_formats(cuda_backend, dtype, specs):
     case = _device(_mixed_case(DTYPES[dtype], specs))
     hyper_table = cases.hyper("adam", stochastic_rounding=True).to(case["params"][0].device)
@@ -254,11 +271,11 @@ def test_adam_bucket_mixing_formats(cuda_backend, dtype, specs):
 
 
 def test_sgd_bucket_mixing_formats(cuda_backend):
-    specs = [(1000, Q8, 64, True), (257, F32, 256, False), (255, Q8, 256, False), (1, F32, 256, True),
-             (513, Q8, 32, False)]
+    specs = [(1000, Q8, 64, REM), (257, F32, 256, None), (255, Q8, 256, None), (1, F32, 256, REM),
+             (513, Q8, 32, None), (300, Q8, 128, MASTER)]
     case = _device(_mixed_case(torch.bfloat16, specs, algorithm="sgd"))
     hyper_table = cases.hyper("sgd", nesterov=True).to(case["params"][0].device)
-    fresh = [1, 0, 1, 0, 0]
+    fresh = [1, 0, 1, 0, 0, 1]
 
     def mirror(c, flags):
         return _mixed_mirror("sgd", c, hyper_table, fresh=flags)
@@ -267,8 +284,8 @@ def test_sgd_bucket_mixing_formats(cuda_backend):
 
 
 @pytest.mark.parametrize("dtype,specs,nearest", [
-    ("f32", [(257, BF16, 256, False), (1000, BF16, 256, False), (1, F32, 256, False)], False),
-    ("bf16", [(255, F32, 256, True), (1000, BF16, 256, True), (257, BF16, 256, False)], True),
+    ("f32", [(257, BF16, 256, None), (1000, BF16, 256, None), (1, F32, 256, None)], False),
+    ("bf16", [(255, F32, 256, REM), (1000, BF16, 256, REM), (257, BF16, 256, None)], True),
 ], ids=["f32-stochastic", "bf16-nearest"])
 def test_adam_amsgrad(cuda_backend, dtype, specs, nearest):
     case = _device(_mixed_case(DTYPES[dtype], specs, amsgrad=True))
@@ -306,9 +323,9 @@ def _misaligned(case):
 
 @pytest.mark.parametrize("algorithm", ["adam", "sgd"])
 def test_misaligned_tensors(cuda_backend, algorithm):
-    specs = [(1000, Q8, 64, True), (257, F32, 256, True), (255, Q8, 256, False)]
+    specs = [(1000, Q8, 64, REM), (257, F32, 256, REM), (255, Q8, 256, None)]
     if algorithm == "adam":
-        specs.append((300, BF16, 256, True))
+        specs.append((300, BF16, 256, REM))
     case = _device(_mixed_case(torch.bfloat16, specs, algorithm=algorithm))
     hyper_table = cases.hyper(algorithm).to(case["params"][0].device)
     got = _misaligned(case)  # run in place: formatted_step's copies would be aligned again
@@ -320,9 +337,9 @@ def test_misaligned_tensors(cuda_backend, algorithm):
 
 @pytest.mark.parametrize("algorithm", ["adam", "sgd"])
 def test_nan_gradient_poisons_its_block_only(cuda_backend, algorithm):
-    specs = [(1000, Q8, 64, False), (257, Q8, 256, False)]
+    specs = [(1000, Q8, 64, None), (257, Q8, 256, None)]
     if algorithm == "adam":
-        specs.append((300, BF16, 256, False))
+        specs.append((300, BF16, 256, None))
     case = _device(_mixed_case(torch.float32, specs, algorithm=algorithm))
     case["params"][0].grad[70] = float("nan")
     case["params"][1].grad[256] = float("nan")  # the last block, of one element
@@ -342,9 +359,9 @@ def test_nan_gradient_poisons_its_block_only(cuda_backend, algorithm):
 
 @pytest.mark.parametrize("algorithm", ["adam", "sgd"])
 def test_grad_scale_and_clip_coefficient(cuda_backend, algorithm):
-    specs = [(1000, Q8, 64, True), (257, F32, 256, True), (255, Q8, 256, False)]
+    specs = [(1000, Q8, 64, REM), (257, F32, 256, REM), (255, Q8, 256, None)]
     if algorithm == "adam":
-        specs.append((300, BF16, 256, False))
+        specs.append((300, BF16, 256, None))
     case = _device(_mixed_case(torch.bfloat16, specs, algorithm=algorithm))
     device = case["params"][0].device
     hyper_table = cases.hyper(algorithm).to(device)
@@ -358,7 +375,7 @@ def test_grad_scale_and_clip_coefficient(cuda_backend, algorithm):
 
 
 def test_found_inf_skips_formatted_rows(cuda_backend):
-    specs = [(1000, Q8, 64, True), (257, BF16, 256, True), (255, F32, 256, True)]
+    specs = [(1000, Q8, 64, REM), (257, BF16, 256, REM), (255, F32, 256, REM)]
     case = _device(_mixed_case(torch.bfloat16, specs))
     device = case["params"][0].device
     got = _formatted("adam", case, cases.hyper("adam").to(device), found_inf=torch.tensor([1.0], device=device))
@@ -367,7 +384,7 @@ def test_found_inf_skips_formatted_rows(cuda_backend):
 
 def test_two_chunks(cuda_backend):
     """A tensor over two chunks (CHUNK_ELEMENTS = 65536): the second chunk's blocks, lanes and absmax entries."""
-    specs = [(65536 + 257, Q8, 32, True), (65536 + 1, BF16, 256, False), (1000, Q8, 256, False)]
+    specs = [(65536 + 257, Q8, 32, REM), (65536 + 1, BF16, 256, None), (1000, Q8, 256, None)]
     case = _device(_mixed_case(torch.bfloat16, specs))
     hyper_table = cases.hyper("adam").to(case["params"][0].device)
     got = cases.formatted_step("cuda", "adam", case, hyper_table, sr_seed=2)
