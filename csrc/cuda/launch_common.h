@@ -22,7 +22,8 @@
 //   kStateRoundNearest; 8-bit rows have no amsgrad (their state2 is not read). SGD: format 0 or 2 (a bfloat16
 //   buffer would be rounded to nearest even). The list-taking ops (*_torch.cpp) pass float32 rows only.
 // * chunks: int64 [n_chunks, 2] of (row, start); a chunk covers [start, min(start + chunk_elements, numel)) of
-//   its tensor (the chunk map of triton_kernels.build_chunks(numels, chunk_elements)).
+//   its tensor (the chunk map of triton_kernels.build_chunks(numels, chunk_elements)). With 8-bit rows,
+//   chunk_elements must be a multiple of 256 (a block of the 8-bit states never straddles two chunks).
 // * hyper: float64 [groups, kHyperColumns] (optim_math.h).
 // * schedule (optional, nullptr for none): float64 [groups, segments, kScheduleColumns] (schedule_math.h), with
 //   schedule_step: float64 [1], the scheduler's step counter. A group's program overrides lr and beta1 (SGD:
