@@ -245,6 +245,12 @@ cpu::StepOptions OptimBucket::options(const Amp& amp, int64_t sr_seed) const {
   o.step_advance = amp.step_advance;
   o.param_ids = param_ids_;
   o.sr_seed = sr_seed;
+  o.formats = formats_;
+  if (!absmax_.empty()) {
+    o.absmax0 = absmax_[0];
+    o.absmax1 = absmax_[1];
+  }
+  o.qmap = qmap_;
   return o;
 }
 

@@ -9,6 +9,7 @@
 
 #include "adam.h"
 #include "fused_sched/optim_math.h"
+#include "fused_sched/state_format_math.h"
 #include "optim_checks.h"
 #include "step_common.h"
 
@@ -28,6 +29,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(max_exp_avg_sqs.size() == n || max_exp_avg_sqs.empty(), "fused_sched: max_exp_avg_sqs has ",
               max_exp_avg_sqs.size(), " entries for ", n, " params");
   Bucket b = make_bucket(params, grads, checked);
+  if (!options.formats.empty()) b.formats.resize(n);
   const StepExtras extras = check_options(options, params, checked);
   const double* table = hyper.data_ptr<double>();
   std::vector<float> new_steps(n);
@@ -35,15 +37,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     const at::Tensor& p = params[i];
     const double* row = table + group_index[i] * kHyperColumns;
     const bool amsgrad = hyper_flags(row) & kAmsgrad;
-    check_float_state(p, exp_avgs[i], "exp_avgs", i, checked);
-    check_float_state(p, exp_avg_sqs[i], "exp_avg_sqs", i, checked);
-    b.slots[i].state0 = exp_avgs[i].data_ptr<float>();
-    b.slots[i].state1 = exp_avg_sqs[i].data_ptr<float>();
-    b.slots[i].state2 = nullptr;
+    TensorSlot& slot = b.slots[i];
+    set_slot_format(b, options, p, i);
+    set_slot_state(b, 0, options, p, exp_avgs[i], "exp_avgs", i, checked);
+    set_slot_state(b, 1, options, p, exp_avg_sqs[i], "exp_avg_sqs", i, checked);
+    slot.state2 = nullptr;
     if (amsgrad) {
       TORCH_CHECK(!max_exp_avg_sqs.empty(), "fused_sched: amsgrad needs max_exp_avg_sqs");
-      check_float_state(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i, checked);
-      b.slots[i].state2 = max_exp_avg_sqs[i].data_ptr<float>();
+      set_slot_state(b, 2, options, p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i, checked);
     }
     const at::Tensor& s = steps[i];
     TORCH_CHECK(checked || (s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1),
@@ -52,13 +53,20 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     new_steps[i] = *s.data_ptr<float>() + 1.0f;
     b.slots[i].hyper = row;
     b.slots[i].step = static_cast<double>(new_steps[i]);
-    b.slots[i].master = master_of(options, i);
-    b.slots[i].stochastic = (hyper_flags(row) & kStochasticRounding) && b.slots[i].master == nullptr &&
-                            b.type == ParamType::kBFloat16;
-    if (b.slots[i].stochastic) {
+    // A remainder master decides the param as a float32 master does: no stochastic rounding of the param.
+    FormatSlot* f = slot.formatted == nullptr ? nullptr : &b.formats[i];
+    slot.stochastic = (hyper_flags(row) & kStochasticRounding) && slot.master == nullptr &&
+                      (f == nullptr || f->remainder == nullptr) && b.type == ParamType::kBFloat16;
+    bool state_keys = false;
+    if (f != nullptr) {
+      f->state_nearest = hyper_flags(row) & kStateRoundNearest;
+      state_keys = state_format_of(f->format) == kFormatBFloat16 && !f->state_nearest;
+    }
+    if (slot.stochastic || state_keys) {
       const int64_t id = options.param_ids.empty() ? static_cast<int64_t>(i) : options.param_ids[i];
-      b.slots[i].rounding_key = rounding_key(static_cast<uint64_t>(options.sr_seed),
-                                             static_cast<uint32_t>(new_steps[i]), static_cast<uint32_t>(id));
+      slot.rounding_key = rounding_key(static_cast<uint64_t>(options.sr_seed), static_cast<uint32_t>(new_steps[i]),
+                                       static_cast<uint32_t>(id));
+      for (int k = 0; k < 3 && state_keys; ++k) f->state_keys[k] = state_rounding_key(slot.rounding_key, k);
     }
   }
   if (skip_step(options)) return;

@@ -3,6 +3,7 @@
 
 #include "fused_sched/adam_math.h"
 #include "kernel_common.h"
+#include "state_format_kernels.h"
 
 namespace fused_sched::cpu::CPU_CAPABILITY {
 
@@ -64,7 +65,8 @@ inline void adam_chunks(ParamType type, const TensorSlot* slots, const Chunk* ch
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
     for_each_chunk(slots, chunks, extras, first, last, [](const TensorSlot& t) { return adam_coeffs(t.hyper, t.step); },
-                   adam_range<scalar_t>);
+                   [](const TensorSlot& t, const AdamCoeffs<float>& c, const GradPrescale<float>& pre, int64_t begin,
+                      int64_t end) { row_range<scalar_t>(t, c, pre, begin, end, adam_range<scalar_t>); });
   });
 }
 

@@ -10,6 +10,18 @@ namespace fused_sched::cpu {
 
 enum class ParamType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
+// What the kernels read of a row whose moments are not float32 or whose master is an int16 remainder (kept apart
+// from TensorSlot so that a float32 row's slot stays as small as it was).
+struct FormatSlot {
+  int64_t format;           // the address table's kColFormat value (moment format, remainder bit, block size)
+  void* narrow[3];          // state k when not float32 (bfloat16 or uint8 codes); TensorSlot's state k is then null
+  float* absmax[2];         // blockwise 8-bit: float32 absmax per block of state0, state1
+  const float* qmap;        // blockwise 8-bit: the float32 [4, 256] code table
+  int16_t* remainder;       // int16 low halves of the float32 master of a bfloat16 param (TensorSlot's master is null)
+  uint32_t state_keys[3];   // bfloat16 moments rounded stochastically: state_rounding_key of each moment
+  bool state_nearest;       // bfloat16 moments rounded to nearest even (hyper flag kStateRoundNearest)
+};
+
 // Addresses of one parameter's tensors (all with the parameter's layout, dense) and its element count.
 struct TensorSlot {
   void* param;
@@ -25,6 +37,9 @@ struct TensorSlot {
                         // in place of the param, which receives the master rounded to nearest even
   bool stochastic;      // bfloat16 param without a master: written with stochastic rounding
   uint32_t rounding_key;  // rounding_key(seed, step, param id) of optim_math.h when `stochastic`
+  // The row's low-memory state formats (docs/state_formats.md); null for a float32 row (moments float32, no
+  // remainder master), which the kernels update as before.
+  const FormatSlot* formatted;
 };
 
 // What the whole call applies to every gradient before the update (optim_math.h GradPrescale: GradScaler's scale,

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fused_sched/optim_math.h"
+#include "fused_sched/state_format_math.h"
 #include "sgd.h"
 #include "step_common.h"
 
@@ -23,21 +24,25 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   TORCH_CHECK(fresh_buffers.size() == n, "fused_sched: fresh_buffers has ", fresh_buffers.size(), " entries for ", n,
               " params");
   Bucket b = make_bucket(params, grads, checked);
+  if (!options.formats.empty()) b.formats.resize(n);
   const StepExtras extras = check_options(options, params, checked);
   const double* table = hyper.data_ptr<double>();
   for (size_t i = 0; i < n; ++i) {
     const double* row = table + group_index[i] * kHyperColumns;
-    b.slots[i].hyper = row;
-    b.slots[i].master = master_of(options, i);
-    b.slots[i].stochastic = false;  // SGD keeps no step to draw rounding bits from
-    b.slots[i].fresh = fresh_buffers[i] != 0;
-    b.slots[i].state0 = nullptr;
+    TensorSlot& slot = b.slots[i];
+    slot.hyper = row;
+    set_slot_format(b, options, params[i], i);
+    // SGD keeps no step to draw rounding bits from: no stochastic rounding, no bfloat16 momentum.
+    TORCH_CHECK(state_format_of(format_of(options, i)) != kFormatBFloat16, "fused_sched: params[", i,
+                "]: SGD keeps its momentum in float32 or 8-bit, not bfloat16");
+    slot.stochastic = false;
+    slot.fresh = fresh_buffers[i] != 0;
+    slot.state0 = nullptr;
     if (row[kMomentum] != 0.0) {
       TORCH_CHECK(!momentum_buffers.empty(), "fused_sched: momentum needs momentum_buffers");
-      check_float_state(params[i], momentum_buffers[i], "momentum_buffers", i, checked);
-      b.slots[i].state0 = momentum_buffers[i].data_ptr<float>();
+      set_slot_state(b, 0, options, params[i], momentum_buffers[i], "momentum_buffers", i, checked);
     }
-    b.slots[i].state1 = b.slots[i].state2 = nullptr;
+    slot.state1 = slot.state2 = nullptr;
   }
   if (skip_step(options)) return;
   make_chunks(b);

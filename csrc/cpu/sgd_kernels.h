@@ -3,6 +3,7 @@
 
 #include "fused_sched/sgd_math.h"
 #include "kernel_common.h"
+#include "state_format_kernels.h"
 
 namespace fused_sched::cpu::CPU_CAPABILITY {
 
@@ -55,7 +56,8 @@ inline void sgd_chunks(ParamType type, const TensorSlot* slots, const Chunk* chu
   dispatch_param_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
     for_each_chunk(slots, chunks, extras, first, last, [](const TensorSlot& t) { return sgd_coeffs(t.hyper); },
-                   sgd_range<scalar_t>);
+                   [](const TensorSlot& t, const SgdCoeffs<float>& c, const GradPrescale<float>& pre, int64_t begin,
+                      int64_t end) { row_range<scalar_t>(t, c, pre, begin, end, sgd_range<scalar_t>); });
   });
 }
 

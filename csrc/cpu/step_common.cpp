@@ -12,6 +12,7 @@
 #include "fused_sched/optim_math.h"
 #include "optim_checks.h"
 #include "fused_sched/schedule_math.h"
+#include "fused_sched/state_format_math.h"
 #include "step_common.h"
 
 namespace fused_sched::cpu {
@@ -175,15 +176,19 @@ StepExtras check_options(const StepOptions& o, at::TensorList params, bool check
               o.master_params.size(), " entries for ", n, " params");
   TORCH_CHECK(o.param_ids.empty() || o.param_ids.size() == n, "fused_sched: param_ids has ", o.param_ids.size(),
               " entries for ", n, " params");
+  TORCH_CHECK(o.formats.empty() || o.formats.size() == n, "fused_sched: formats has ", o.formats.size(),
+              " entries for ", n, " params");
   for (size_t i = 0; i < o.master_params.size(); ++i) {
     const at::Tensor& m = o.master_params[i];
     if (!m.defined() || m.numel() == 0) continue;
+    const at::ScalarType dtype = has_master_remainder(format_of(o, i)) ? at::kShort : at::kFloat;
     if (checked) {
-      TORCH_CHECK(m.numel() == params[i].numel(), "fused_sched: master_params[", i, "] does not match its parameter");
+      TORCH_CHECK(m.numel() == params[i].numel() && m.scalar_type() == dtype, "fused_sched: master_params[", i,
+                  "] does not match its parameter");
     } else {
       TORCH_CHECK(params[i].scalar_type() != at::kFloat, "fused_sched: master_params[", i,
                   "] given for a float32 parameter");
-      check_companion(params[i], m, at::kFloat, "master_params", i);
+      check_companion(params[i], m, dtype, "master_params", i);
     }
   }
   StepExtras e;
@@ -207,9 +212,66 @@ bool skip_step(const StepOptions& o) {
 }
 
 float* master_of(const StepOptions& o, size_t i) {
-  if (o.master_params.empty()) return nullptr;
+  if (o.master_params.empty() || has_master_remainder(format_of(o, i))) return nullptr;
   const at::Tensor& m = o.master_params[i];
   return m.defined() && m.numel() > 0 ? m.data_ptr<float>() : nullptr;
+}
+
+int64_t format_of(const StepOptions& o, size_t i) { return o.formats.empty() ? 0 : o.formats[i]; }
+
+void set_formatted_slot(Bucket& b, const StepOptions& o, const at::Tensor& p, size_t i) {
+  TensorSlot& slot = b.slots[i];
+  const int64_t format = format_of(o, i);
+  slot.master = master_of(o, i);  // null with the remainder bit: the int16 master is the FormatSlot's
+  TORCH_CHECK(b.formats.size() == b.slots.size(), "fused_sched: the bucket holds no format slots");
+  FormatSlot& f = b.formats[i];
+  f = FormatSlot{};
+  f.format = format;
+  slot.formatted = &f;
+  const int64_t moments = state_format_of(format);
+  TORCH_CHECK(moments <= kFormatBlockwise8bit && (format & ~int64_t{0xFFFF}) == 0 && (format & 0xF8) == 0,
+              "fused_sched: params[", i, "] has an unknown state format ", format);
+  if (has_master_remainder(format)) {
+    TORCH_CHECK(p.scalar_type() == at::kBFloat16 && !o.master_params.empty() && o.master_params[i].defined() &&
+                    o.master_params[i].scalar_type() == at::kShort && o.master_params[i].numel() == p.numel(),
+                "fused_sched: params[", i, "]: a remainder master is an int16 tensor laid out like a bfloat16 param");
+    f.remainder = p.numel() > 0 ? o.master_params[i].data_ptr<int16_t>() : nullptr;
+  }
+  if (moments == kFormatBlockwise8bit) {
+    const int64_t shift = (format >> kFormatBlockShift) & 0xFF;
+    TORCH_CHECK(shift >= 5 && shift <= 8, "fused_sched: params[", i, "]: 8-bit block size 2^", shift,
+                " outside 32..256");
+    TORCH_CHECK(o.qmap.has_value() && o.qmap->defined() && o.qmap->device().is_cpu() &&
+                    o.qmap->scalar_type() == at::kFloat && o.qmap->numel() == 4 * 256 && o.qmap->is_contiguous(),
+                "fused_sched: 8-bit states need the contiguous float32 [4, 256] code table on the CPU");
+    f.qmap = o.qmap->data_ptr<float>();
+  }
+}
+
+void set_narrow_state(Bucket& b, int k, const StepOptions& o, const at::Tensor& p, const at::Tensor& s,
+                      const char* what, size_t i, bool checked) {
+  TensorSlot& slot = b.slots[i];
+  FormatSlot& f = b.formats[i];
+  const int64_t moments = state_format_of(f.format);
+  const at::ScalarType dtype = moments == kFormatBFloat16 ? at::kBFloat16 : at::kByte;
+  if (checked) {
+    TORCH_CHECK(s.numel() == p.numel() && s.scalar_type() == dtype, "fused_sched: ", what, "[", i,
+                "] does not match its parameter and format");
+  } else {
+    check_companion(p, s, dtype, what, i);
+  }
+  (k == 0 ? slot.state0 : k == 1 ? slot.state1 : slot.state2) = nullptr;
+  f.narrow[k] = p.numel() > 0 ? s.data_ptr() : nullptr;
+  if (moments != kFormatBlockwise8bit) return;
+  TORCH_CHECK(k < 2, "fused_sched: ", what, "[", i, "]: 8-bit moments are not combined with amsgrad");
+  const at::TensorList absmax = k == 0 ? o.absmax0 : o.absmax1;
+  const int64_t block = block_size_of(f.format);
+  const int64_t blocks = (p.numel() + block - 1) / block;
+  TORCH_CHECK(absmax.size() > i && absmax[i].defined() && absmax[i].device().is_cpu() &&
+                  absmax[i].scalar_type() == at::kFloat && absmax[i].numel() == blocks && absmax[i].is_contiguous(),
+              "fused_sched: ", what, "[", i, "] is 8-bit and needs a contiguous float32 CPU absmax of ", blocks,
+              " elements");
+  f.absmax[k] = blocks > 0 ? absmax[i].data_ptr<float>() : nullptr;
 }
 
 const KernelTable* find_kernels(const std::string& name) {

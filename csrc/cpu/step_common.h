@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "fused_sched/optim_math.h"
 #include "kernel_table.h"
 
 namespace fused_sched::cpu {
@@ -37,6 +38,10 @@ const KernelTable* find_kernels(const std::string& name);
 // * param_ids / sr_seed: stochastic rounding of bfloat16 params without a master copy (hyper flag
 //   kStochasticRounding) draws its bits from (sr_seed, step, param id, element index); param_ids empty: the index
 //   in the call.
+// * formats / absmax0 / absmax1 / qmap: the low-memory state formats (docs/state_formats.md; OptimBucket passes
+//   them, the registered operators never): formats empty (everything float32) or one kColFormat value per param;
+//   absmax0 / absmax1 empty or one float32 tensor per param (of ceil(numel / block) elements where its moments are
+//   8-bit); qmap the float32 [4, 256] code table. A param with the remainder bit has an int16 master_params entry.
 struct StepOptions {
   at::TensorList master_params;
   std::optional<at::Tensor> grad_scale;
@@ -45,6 +50,10 @@ struct StepOptions {
   std::optional<at::Tensor> step_advance;
   at::IntArrayRef param_ids;
   int64_t sr_seed = 0;
+  at::IntArrayRef formats;
+  at::TensorList absmax0;
+  at::TensorList absmax1;
+  std::optional<at::Tensor> qmap;
 };
 
 // Every group's (lr, momentum) program value at the step in schedule_step: float64 [groups, 2], NaN where the
@@ -68,6 +77,7 @@ at::Tensor effective_hyper(const at::Tensor& hyper, const std::optional<at::Tens
 struct Bucket {
   ParamType type;
   std::vector<TensorSlot> slots;
+  std::vector<FormatSlot> formats;  // empty without formats, else one per slot (used by formatted rows only)
   std::vector<Chunk> chunks;
   int64_t total = 0;
 };
@@ -90,6 +100,32 @@ void check_float_state(const at::Tensor& p, const at::Tensor& s, const char* wha
 StepExtras check_options(const StepOptions& o, at::TensorList params, bool checked);
 bool skip_step(const StepOptions& o);
 float* master_of(const StepOptions& o, size_t i);
+// The kColFormat value of params[i] (0 without formats).
+int64_t format_of(const StepOptions& o, size_t i);
+// Checks params[i]'s format and writes its slot's format fields: master (float32) and, for a row that is not all
+// float32, `formatted` (b.formats[i]: format, remainder (int16), the code table of 8-bit moments).
+void set_formatted_slot(Bucket& b, const StepOptions& o, const at::Tensor& p, size_t i);
+inline void set_slot_format(Bucket& b, const StepOptions& o, const at::Tensor& p, size_t i) {
+  if (o.formats.empty() || o.formats[i] == 0) {  // float32: the slot as it always was (formatted stays null)
+    b.slots[i].master = master_of(o, i);
+  } else {
+    set_formatted_slot(b, o, p, i);
+  }
+}
+// Checks state k of params[i] (`what`[i]) against the dtype of its slot's format and points the slot at it: state0-2
+// for float32 moments, formatted->narrow[k] otherwise, with the absmax of state k for 8-bit moments.
+void set_narrow_state(Bucket& b, int k, const StepOptions& o, const at::Tensor& p, const at::Tensor& s,
+                      const char* what, size_t i, bool checked);
+inline void set_slot_state(Bucket& b, int k, const StepOptions& o, const at::Tensor& p, const at::Tensor& s,
+                           const char* what, size_t i, bool checked) {
+  TensorSlot& slot = b.slots[i];
+  if (slot.formatted == nullptr || (slot.formatted->format & kFormatMask) == kFormatFloat32) {
+    check_float_state(p, s, what, i, checked);
+    (k == 0 ? slot.state0 : k == 1 ? slot.state1 : slot.state2) = s.data_ptr<float>();
+  } else {
+    set_narrow_state(b, k, o, p, s, what, i, checked);
+  }
+}
 StepOptions make_options(std::optional<at::TensorList> master_params, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                          const std::optional<at::Tensor>& step_advance, at::IntArrayRef param_ids, int64_t sr_seed);

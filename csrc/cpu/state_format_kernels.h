@@ -1,0 +1,120 @@
+// Low-memory state formats in the CPU kernels (docs/state_formats.md). A row whose moments are not float32, or
+// whose master is an int16 remainder, is updated in stages of one 8-bit block (kStageElements elements for the
+// other formats): its states and its joined float32 master are widened into float32 arrays on the stack, the
+// optimizer's unchanged float32 range function runs on a copy of the slot that points at them, and the results
+// are narrowed back with the rules of state_format_math.h. The copy's pointers are offset so that element i of
+// the tensor is still addressed by i: the stochastic rounding of a bfloat16 param keys its bits on that index,
+// and the gradient and the param are read and written in place. float32 rows never come here (row_range).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "fused_sched/state_format_math.h"
+#include "kernel_common.h"
+
+namespace fused_sched::cpu::CPU_CAPABILITY {
+
+// The largest 8-bit block, and the stage of bfloat16 moments and remainder-only rows (a multiple of every vector
+// width, so the range function's vector loop covers whole stages).
+constexpr int64_t kStageElements = 256;
+
+// float32 stand-ins of one stage's states and master.
+struct Stage {
+  alignas(64) float state[3][kStageElements];
+  alignas(64) float master[kStageElements];
+};
+
+// A pointer p such that p + s addresses stage[0]: element s of the tensor is the stage's first. Formed through an
+// integer so that no out-of-bounds pointer arithmetic is involved; only [s, s + stage length) is dereferenced.
+inline float* indexed_from(float* stage, int64_t s) {
+  return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(stage) - static_cast<uintptr_t>(s) * sizeof(float));
+}
+
+// State k of elements [s, s + n) as float32: a bfloat16 widened exactly, an 8-bit code times its block's absmax
+// (exp_avg / momentum: signed map; exp_avg_sq: unsigned). The stage lies inside one block.
+inline void widen_state(const FormatSlot& t, int k, int64_t s, int64_t n, float* out) {
+  if (state_format_of(t.format) == kFormatBFloat16) {
+    const auto* h = static_cast<const c10::BFloat16*>(t.narrow[k]) + s;
+    for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits_to_float(h[j].x);
+    return;
+  }
+  const uint8_t* codes = static_cast<const uint8_t*>(t.narrow[k]) + s;
+  const float* map = t.qmap + (k == 0 ? kQmapSignedCodes : kQmapUnsignedCodes) * kQmapEntries;
+  const float absmax = t.absmax[k][s / block_size_of(t.format)];
+  for (int64_t j = 0; j < n; ++j) out[j] = dequantize_code(map, codes[j], absmax);
+}
+
+// The updated values of state k, elements [s, s + n), written in the state's format: bfloat16 rounded
+// stochastically (bits of the element's index under the moment's key) or to nearest even; 8-bit: the block's new
+// absmax (NaN if a value is NaN), then each value's code.
+inline void narrow_state(const FormatSlot& t, int k, int64_t s, int64_t n, const float* in) {
+  if (state_format_of(t.format) == kFormatBFloat16) {
+    auto* h = static_cast<c10::BFloat16*>(t.narrow[k]) + s;
+    for (int64_t j = 0; j < n; ++j) h[j].x = bf16_state_bits(in[j], t.state_nearest, t.state_keys[k], s + j);
+    return;
+  }
+  float absmax = 0.0f;
+  for (int64_t j = 0; j < n; ++j) absmax = absmax_step(absmax, in[j]);
+  t.absmax[k][s / block_size_of(t.format)] = absmax;
+  uint8_t* codes = static_cast<uint8_t*>(t.narrow[k]) + s;
+  const float* thresholds = t.qmap + (k == 0 ? kQmapSignedThresholds : kQmapUnsignedThresholds) * kQmapEntries;
+  for (int64_t j = 0; j < n; ++j) codes[j] = quantize_code(thresholds, in[j], absmax);
+}
+
+// Elements [begin, end) of a formatted row (begin a multiple of the stage: chunks start at multiples of kChunkElements) by
+// `range`, the float32 range function of the optimizer. A fresh SGD buffer is not read (the update sets it to the
+// gradient): its stage starts as zeros.
+template <typename scalar_t, typename Coeffs, typename Range>
+void staged_range(const TensorSlot& t, const Coeffs& c, const GradPrescale<float>& pre, int64_t begin, int64_t end,
+                  Range&& range) {
+  const FormatSlot& f = *t.formatted;
+  const int64_t span = state_format_of(f.format) == kFormatBlockwise8bit ? block_size_of(f.format) : kStageElements;
+  // Only a bfloat16 param has a remainder (set_slot_format checks it).
+  int16_t* remainder = std::is_same_v<scalar_t, c10::BFloat16> ? f.remainder : nullptr;
+  Stage stage;
+  TensorSlot w = t;
+  float** wide[3] = {&w.state0, &w.state1, &w.state2};
+  for (int64_t s = begin; s < end; s += span) {
+    const int64_t n = std::min(end, s + span) - s;
+    for (int k = 0; k < 3; ++k) {
+      if (f.narrow[k] == nullptr) continue;
+      if (t.fresh) {
+        std::fill(stage.state[k], stage.state[k] + n, 0.0f);
+      } else {
+        widen_state(f, k, s, n, stage.state[k]);
+      }
+      *wide[k] = indexed_from(stage.state[k], s);
+    }
+    if (remainder != nullptr) {
+      const auto* p = static_cast<const c10::BFloat16*>(t.param) + s;
+      for (int64_t j = 0; j < n; ++j) stage.master[j] = join_remainder(p[j].x, remainder[s + j]);
+      w.master = indexed_from(stage.master, s);
+    }
+    range(w, c, pre, s, s + n);
+    for (int k = 0; k < 3; ++k) {
+      if (f.narrow[k] != nullptr) narrow_state(f, k, s, n, stage.state[k]);
+    }
+    if (remainder != nullptr) {
+      // The range wrote the param rounded to nearest even; the split's param replaces it.
+      auto* p = static_cast<c10::BFloat16*>(t.param) + s;
+      for (int64_t j = 0; j < n; ++j) split_remainder(stage.master[j], &p[j].x, &remainder[s + j]);
+    }
+  }
+}
+
+// The range function of a chunk: the float32 one itself for a float32 row, staged for any other format.
+template <typename scalar_t, typename Coeffs, typename Range>
+inline void row_range(const TensorSlot& t, const Coeffs& c, const GradPrescale<float>& pre, int64_t begin,
+                      int64_t end, Range&& range) {
+  if (__builtin_expect(t.formatted == nullptr, 1)) {
+    range(t, c, pre, begin, end);
+  } else {
+    staged_range<scalar_t>(t, c, pre, begin, end, range);
+  }
+}
+
+}  // namespace fused_sched::cpu::CPU_CAPABILITY
