@@ -1,10 +1,10 @@
 // Low-memory state formats in the CPU kernels (docs/state_formats.md). A row whose moments are not float32, or
-// whose master is an int16 remainder, is updated in stages of one 8-bit block (kStageElements elements for the
-// other formats): its states and its joined float32 master are widened into float32 arrays on the stack, the
-// optimizer's unchanged float32 range function runs on a copy of the slot that points at them, and the results
-// are narrowed back with the rules of state_format_math.h. The copy's pointers are offset so that element i of
-// the tensor is still addressed by i: the stochastic rounding of a bfloat16 param keys its bits on that index,
-// and the gradient and the param are read and written in place. float32 rows never come here (row_range).
+// whose master is an int16 remainder, is updated in stages of kStageElements elements (whole 8-bit blocks): its
+// states and its joined float32 master are widened into float32 arrays on the stack, the optimizer's unchanged
+// float32 range function runs on a copy of the slot that points at them, and the results are narrowed back with
+// the rules of state_format_math.h. The copy's pointers are offset so that element i of the tensor is still
+// addressed by i: the stochastic rounding of a bfloat16 param keys its bits on that index, and the gradient and
+// the param are read and written in place. float32 rows never come here (row_range).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -18,8 +18,8 @@
 
 namespace fused_sched::cpu::CPU_CAPABILITY {
 
-// The largest 8-bit block, and the stage of bfloat16 moments and remainder-only rows (a multiple of every vector
-// width, so the range function's vector loop covers whole stages).
+// The stage: the largest 8-bit block (so a stage holds whole blocks: stages start at multiples of it, since chunks
+// start at multiples of kChunkElements), and a multiple of every vector width.
 constexpr int64_t kStageElements = 256;
 
 // float32 stand-ins of one stage's states and master.
@@ -34,8 +34,11 @@ inline float* indexed_from(float* stage, int64_t s) {
   return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(stage) - static_cast<uintptr_t>(s) * sizeof(float));
 }
 
+using IVec = at::vec::Vectorized<int32_t>;
+static_assert(IVec::size() == FVec::size(), "one int32 lane per float lane");
+
 // State k of elements [s, s + n) as float32: a bfloat16 widened exactly, an 8-bit code times its block's absmax
-// (exp_avg / momentum: signed map; exp_avg_sq: unsigned). The stage lies inside one block.
+// (exp_avg / momentum: signed map; exp_avg_sq: unsigned).
 inline void widen_state(const FormatSlot& t, int k, int64_t s, int64_t n, float* out) {
   if (state_format_of(t.format) == kFormatBFloat16) {
     const auto* h = static_cast<const c10::BFloat16*>(t.narrow[k]) + s;
@@ -44,38 +47,148 @@ inline void widen_state(const FormatSlot& t, int k, int64_t s, int64_t n, float*
   }
   const uint8_t* codes = static_cast<const uint8_t*>(t.narrow[k]) + s;
   const float* map = t.qmap + (k == 0 ? kQmapSignedCodes : kQmapUnsignedCodes) * kQmapEntries;
-  const float absmax = t.absmax[k][s / block_size_of(t.format)];
-  for (int64_t j = 0; j < n; ++j) out[j] = dequantize_code(map, codes[j], absmax);
+  const int64_t block = block_size_of(t.format);
+  for (int64_t b = 0; b < n; b += block) {
+    const float absmax = t.absmax[k][(s + b) / block];
+    const int64_t e = std::min(n, b + block);
+    for (int64_t j = b; j < e; ++j) out[j] = dequantize_code(map, codes[j], absmax);
+  }
 }
 
+// absmax_step over in[0, n) from 0: the largest |value|, or a NaN of the block. The vector maximum returns its own
+// NaN, so a block holding one is taken again by the scalar rule, whose NaN every backend returns.
+inline float block_absmax(const float* in, int64_t n) {
+  constexpr int64_t F = FVec::size();
+  FVec m(0.0f);
+  int64_t j = 0;
+  for (; j + F <= n; j += F) m = at::vec::maximum(m, FVec::loadu(in + j).abs());
+  float absmax =
+      at::vec::vec_reduce_all<float>([](const FVec& a, const FVec& b) { return at::vec::maximum(a, b); }, m);
+  for (; j < n; ++j) absmax = absmax_step(absmax, in[j]);
+  if (absmax != absmax) {
+    absmax = 0.0f;
+    for (j = 0; j < n; ++j) absmax = absmax_step(absmax, in[j]);
+  }
+  return absmax;
+}
+
+// The codes of quantize_code, a vector of elements at a time: y = x / absmax as the scalar division rounds it (0
+// where absmax is 0), and the code the number of thresholds below y (a NaN y compares false: code 0). The
+// thresholds are sorted (state_format.qmap), so the scalar binary search and any exact count agree.
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512: the count from the table in registers. Lane g of `coarse` holds T[16g + 15], lane g of fine[r] T[16g + r]:
+// a binary search over the 15 coarse thresholds gives the group g = #{T[16g' + 15] < y}, then 15 lane permutes
+// count the thresholds of its group below y. Ten times the speed of gathering the thresholds of a binary search.
+struct Thresholds {
+  const float* sorted;  // the thresholds themselves (the scalar tail's)
+  alignas(64) float coarse[16];
+  alignas(64) float fine[15][16];
+  void build(const float* t) {
+    sorted = t;
+    for (int g = 0; g < 16; ++g) {
+      coarse[g] = t[16 * g + 15];
+      for (int r = 0; r < 15; ++r) fine[r][g] = t[16 * g + r];
+    }
+  }
+};
+
+inline void quantize_block(const Thresholds& table, const float* in, int64_t n, float absmax, uint8_t* out) {
+  const __m512 coarse = _mm512_load_ps(table.coarse);
+  const __m512 scale = _mm512_set1_ps(absmax);
+  const __m512i one = _mm512_set1_epi32(1);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 y = absmax == 0.0f ? _mm512_setzero_ps() : _mm512_div_ps(_mm512_loadu_ps(in + j), scale);
+    __m512i g = _mm512_setzero_si512();
+    for (int step = 8; step >= 1; step >>= 1) {
+      const __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(g, _mm512_set1_epi32(step - 1)), coarse);
+      g = _mm512_mask_add_epi32(g, _mm512_cmp_ps_mask(t, y, _CMP_LT_OQ), g, _mm512_set1_epi32(step));
+    }
+    __m512i code = _mm512_slli_epi32(g, 4);
+    for (int r = 0; r < 15; ++r) {
+      const __m512 t = _mm512_permutexvar_ps(g, _mm512_load_ps(table.fine[r]));  // a memory operand
+      code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(t, y, _CMP_LT_OQ), code, one);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtepi32_epi8(code));
+  }
+  for (; j < n; ++j) out[j] = quantize_code(table.sorted, in[j], absmax);
+}
+#else
+// Other builds: the binary search with the thresholds gathered, U vectors together (each step waits on its
+// gather; independent searches hide the latency).
+struct Thresholds {
+  const float* sorted;
+  void build(const float* t) { sorted = t; }
+};
+
+template <int U>
+inline void quantize_vectors(const float* thresholds, const float* in, float absmax, uint8_t* out) {
+  constexpr int64_t F = FVec::size();
+  FVec y[U];
+  IVec q[U];
+  for (int u = 0; u < U; ++u) {
+    y[u] = absmax == 0.0f ? FVec(0.0f) : FVec::loadu(in + u * F) / FVec(absmax);
+    q[u] = IVec(0);
+  }
+  for (int32_t step = 128; step >= 1; step >>= 1) {
+    for (int u = 0; u < U; ++u) {
+      const FVec t = at::vec::gather<sizeof(float)>(thresholds, q[u] + IVec(step - 1));
+      q[u] = q[u] + (at::vec::cast<int32_t>(t < y[u]) & IVec(step));
+    }
+  }
+  alignas(64) int32_t codes[U * F];
+  for (int u = 0; u < U; ++u) q[u].store(codes + u * F);
+  for (int64_t k = 0; k < U * F; ++k) out[k] = static_cast<uint8_t>(codes[k]);
+}
+
+inline void quantize_block(const Thresholds& table, const float* in, int64_t n, float absmax, uint8_t* out) {
+  constexpr int64_t F = FVec::size();
+  const float* thresholds = table.sorted;
+  int64_t j = 0;
+  for (; j + 4 * F <= n; j += 4 * F) quantize_vectors<4>(thresholds, in + j, absmax, out + j);
+  for (; j + F <= n; j += F) quantize_vectors<1>(thresholds, in + j, absmax, out + j);
+  for (; j < n; ++j) out[j] = quantize_code(thresholds, in[j], absmax);
+}
+#endif
+
 // The updated values of state k, elements [s, s + n), written in the state's format: bfloat16 rounded
-// stochastically (bits of the element's index under the moment's key) or to nearest even; 8-bit: the block's new
-// absmax (NaN if a value is NaN), then each value's code.
-inline void narrow_state(const FormatSlot& t, int k, int64_t s, int64_t n, const float* in) {
+// stochastically (bits of the element's index under the moment's key) or to nearest even; 8-bit, per block: the
+// block's new absmax (NaN if a value is NaN), then each value's code (`table`: the state's thresholds).
+inline void narrow_state(const FormatSlot& t, int k, const Thresholds& table, int64_t s, int64_t n,
+                         const float* in) {
   if (state_format_of(t.format) == kFormatBFloat16) {
     auto* h = static_cast<c10::BFloat16*>(t.narrow[k]) + s;
     for (int64_t j = 0; j < n; ++j) h[j].x = bf16_state_bits(in[j], t.state_nearest, t.state_keys[k], s + j);
     return;
   }
-  float absmax = 0.0f;
-  for (int64_t j = 0; j < n; ++j) absmax = absmax_step(absmax, in[j]);
-  t.absmax[k][s / block_size_of(t.format)] = absmax;
   uint8_t* codes = static_cast<uint8_t*>(t.narrow[k]) + s;
-  const float* thresholds = t.qmap + (k == 0 ? kQmapSignedThresholds : kQmapUnsignedThresholds) * kQmapEntries;
-  for (int64_t j = 0; j < n; ++j) codes[j] = quantize_code(thresholds, in[j], absmax);
+  const int64_t block = block_size_of(t.format);
+  for (int64_t b = 0; b < n; b += block) {
+    const int64_t m = std::min(n - b, block);
+    const float absmax = block_absmax(in + b, m);
+    t.absmax[k][(s + b) / block] = absmax;
+    quantize_block(table, in + b, m, absmax, codes + b);
+  }
 }
 
-// Elements [begin, end) of a formatted row (begin a multiple of the stage: chunks start at multiples of kChunkElements) by
+// Elements [begin, end) of a formatted row by
 // `range`, the float32 range function of the optimizer. A fresh SGD buffer is not read (the update sets it to the
 // gradient): its stage starts as zeros.
 template <typename scalar_t, typename Coeffs, typename Range>
 void staged_range(const TensorSlot& t, const Coeffs& c, const GradPrescale<float>& pre, int64_t begin, int64_t end,
                   Range&& range) {
   const FormatSlot& f = *t.formatted;
-  const int64_t span = state_format_of(f.format) == kFormatBlockwise8bit ? block_size_of(f.format) : kStageElements;
+  const int64_t span = kStageElements;
   // Only a bfloat16 param has a remainder (set_slot_format checks it).
   int16_t* remainder = std::is_same_v<scalar_t, c10::BFloat16> ? f.remainder : nullptr;
   Stage stage;
+  Thresholds tables[3];  // of the 8-bit states (0: signed map, 1: unsigned); unused otherwise
+  if (state_format_of(f.format) == kFormatBlockwise8bit) {
+    for (int k = 0; k < 2; ++k) {
+      if (f.narrow[k] == nullptr) continue;
+      tables[k].build(f.qmap + (k == 0 ? kQmapSignedThresholds : kQmapUnsignedThresholds) * kQmapEntries);
+    }
+  }
   TensorSlot w = t;
   float** wide[3] = {&w.state0, &w.state1, &w.state2};
   for (int64_t s = begin; s < end; s += span) {
@@ -96,7 +209,7 @@ void staged_range(const TensorSlot& t, const Coeffs& c, const GradPrescale<float
     }
     range(w, c, pre, s, s + n);
     for (int k = 0; k < 3; ++k) {
-      if (f.narrow[k] != nullptr) narrow_state(f, k, s, n, stage.state[k]);
+      if (f.narrow[k] != nullptr) narrow_state(f, k, tables[k], s, n, stage.state[k]);
     }
     if (remainder != nullptr) {
       // The range wrote the param rounded to nearest even; the split's param replaces it.
