@@ -253,6 +253,8 @@ void set_narrow_state(Bucket& b, int k, const StepOptions& o, const at::Tensor& 
   TensorSlot& slot = b.slots[i];
   FormatSlot& f = b.formats[i];
   const int64_t moments = state_format_of(f.format);
+  TORCH_CHECK(k < 2 || moments != kFormatBlockwise8bit, "fused_sched: ", what, "[", i,
+              "]: 8-bit moments are not combined with amsgrad");
   const at::ScalarType dtype = moments == kFormatBFloat16 ? at::kBFloat16 : at::kByte;
   if (checked) {
     TORCH_CHECK(s.numel() == p.numel() && s.scalar_type() == dtype, "fused_sched: ", what, "[", i,
@@ -263,7 +265,6 @@ void set_narrow_state(Bucket& b, int k, const StepOptions& o, const at::Tensor& 
   (k == 0 ? slot.state0 : k == 1 ? slot.state1 : slot.state2) = nullptr;
   f.narrow[k] = p.numel() > 0 ? s.data_ptr() : nullptr;
   if (moments != kFormatBlockwise8bit) return;
-  TORCH_CHECK(k < 2, "fused_sched: ", what, "[", i, "]: 8-bit moments are not combined with amsgrad");
   const at::TensorList absmax = k == 0 ? o.absmax0 : o.absmax1;
   const int64_t block = block_size_of(f.format);
   const int64_t blocks = (p.numel() + block - 1) / block;
