@@ -132,17 +132,17 @@ void OptimBucket::check_state_format(size_t i) const {
   const int64_t blocks = (p.numel() + (int64_t{1} << shift) - 1) >> shift;
   TORCH_CHECK(absmax_.size() == 2, "fused_sched: 8-bit states need their absmax tensors");
   for (size_t k = 0; k < 2; ++k) {
-    if (absmax_[k].empty()) continue;
-    const at::Tensor& a = absmax_[k][i];
     const bool has_state = k < states_.size() && !states_[k].empty() && states_[k][i].defined() &&
                            states_[k][i].numel() > 0;
     if (!has_state) continue;
+    // Every 8-bit state needs its scales: a missing list would leave a 0 address in kColAbsmax0/1.
+    TORCH_CHECK(!absmax_[k].empty(), "fused_sched: 8-bit state ", k, " of params[", i, "] has no absmax");
+    const at::Tensor& a = absmax_[k][i];
     TORCH_CHECK(a.defined() && a.scalar_type() == at::kFloat && a.numel() == blocks && a.is_contiguous() &&
                     a.device() == p.device(),
                 "fused_sched: absmax of state ", k, " of params[", i, "] must be a contiguous float32 tensor of ",
                 blocks, " elements on ", p.device());
   }
-  TORCH_CHECK(!absmax_[0].empty(), "fused_sched: 8-bit states need the absmax of state0");
 }
 
 const char* OptimBucket::refresh_range(size_t begin, size_t end, size_t* failed, bool* changed) {
