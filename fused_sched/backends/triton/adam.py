@@ -7,8 +7,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
+from .launch import DEFAULT_QBLOCK, _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
 from .libm import dd_mul
+from .state_format import (
+    FORMAT_BFLOAT16,
+    FORMAT_BLOCKWISE_8BIT,
+    FORMAT_MASK,
+    FORMAT_MASTER_REMAINDER,
+    QMAP_SIGNED_CODES,
+    QMAP_SIGNED_THRESHOLDS,
+    QMAP_UNSIGNED_CODES,
+    QMAP_UNSIGNED_THRESHOLDS,
+    STATE_ROUND_NEAREST,
+    STATE_SALT0,
+    STATE_SALT1,
+    STATE_SALT2,
+    _dequantize,
+    _formatted_inputs,
+    _state_key,
+    _store_bf16_state,
+    _store_formatted_param,
+    _store_quantized,
+    _widen_bf16,
+)
 from .step_common import (
     _AMSGRAD,
     _DECOUPLED_WEIGHT_DECAY,
@@ -52,6 +73,23 @@ def _pow(base, exponent):
 
 
 @triton.jit
+def _adam_element(p, g, m, v, vmax, amsgrad, grad_sign, decoupled, decay, l2, weight_decay, lerp_small, lerp_weight,
+                  lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps, neg_step_size):
+    """adam_element, operation for operation, on float32 values: (param, exp_avg, exp_avg_sq, max_exp_avg_sq)."""
+    g = g * grad_sign
+    p = tl.where(decoupled, p * decay, p)
+    g = tl.where(l2, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
+    m = tl.where(lerp_small, tl.fma(lerp_weight, g - m, m), tl.fma(lerp_weight_minus_one, g - m, g))
+    v = v * beta2_f
+    v = v + one_minus_beta2 * g * g
+    vmax = tl.where((vmax != vmax) | (vmax > v), vmax, v)  # torch.maximum propagates NaN
+    second = tl.where(amsgrad, vmax, v)
+    denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+    return p, m, v, vmax
+
+
+@triton.jit
 def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, off, end, amsgrad,
                 has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
                 lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
@@ -65,19 +103,9 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq
     m = tl.load(exp_avg_ptr + offs, mask=mask)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
     vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask)
-
-    # adam_element, operation for operation.
-    g = g * grad_sign
-    p = tl.where(decoupled, p * decay, p)
-    g = tl.where(l2, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
-    m = tl.where(lerp_small, tl.fma(lerp_weight, g - m, m), tl.fma(lerp_weight_minus_one, g - m, g))
-    v = v * beta2_f
-    v = v + one_minus_beta2 * g * g
-    vmax = tl.where((vmax != vmax) | (vmax > v), vmax, v)  # torch.maximum propagates NaN
-    second = tl.where(amsgrad, vmax, v)
-    denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
-    p = p + tl.div_rn(neg_step_size * m, denom)
-
+    p, m, v, vmax = _adam_element(p, g, m, v, vmax, amsgrad, grad_sign, decoupled, decay, l2, weight_decay,
+                                  lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt,
+                                  eps, neg_step_size)
     _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, stochastic, key, PARAM_DTYPE)
     tl.store(exp_avg_ptr + offs, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
@@ -85,12 +113,107 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq
 
 
 @triton.jit
+def _adam_block_formatted(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
+                          remainder_ptr, absmax0_ptr, absmax1_ptr, qmap_ptr, off, end, amsgrad, has_master,
+                          has_remainder, grad_scale, clip_coef, grad_sign, decoupled, decay, l2, weight_decay,
+                          lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
+                          neg_step_size, stochastic, key, nearest, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                          QBLOCK: tl.constexpr, MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          HAS_CLIP: tl.constexpr, FULL: tl.constexpr):
+    """_adam_block of a row with low-memory states (docs/state_formats.md): the moments in format MOMENTS
+    widened to float32, adam_element unchanged, the results narrowed; the param joined from / split into its
+    int16 remainder where the row has one."""
+    offs, mask, master_mask, p, g = _formatted_inputs(param_ptr, grad_ptr, master_ptr, remainder_ptr, off, end,
+                                                      has_master, has_remainder, grad_scale, clip_coef, PARAM_DTYPE,
+                                                      BLOCK, HAS_SCALE, HAS_CLIP, FULL)
+    vmax_mask = _state_mask(amsgrad, offs, off, end, BLOCK, FULL)
+    if MOMENTS == FORMAT_BLOCKWISE_8BIT:  # never with amsgrad
+        m = _dequantize(exp_avg_ptr, absmax0_ptr, qmap_ptr, offs, mask, QMAP_SIGNED_CODES, QBLOCK)
+        v = _dequantize(exp_avg_sq_ptr, absmax1_ptr, qmap_ptr, offs, mask, QMAP_UNSIGNED_CODES, QBLOCK)
+        vmax = v
+    elif MOMENTS == FORMAT_BFLOAT16:
+        m = _widen_bf16(tl.load(exp_avg_ptr + offs, mask=mask))
+        v = _widen_bf16(tl.load(exp_avg_sq_ptr + offs, mask=mask))
+        vmax = _widen_bf16(tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask))
+    else:
+        m = tl.load(exp_avg_ptr + offs, mask=mask)
+        v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
+        vmax = tl.load(max_exp_avg_sq_ptr + offs, mask=vmax_mask)
+    p, m, v, vmax = _adam_element(p, g, m, v, vmax, amsgrad, grad_sign, decoupled, decay, l2, weight_decay,
+                                  lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt,
+                                  eps, neg_step_size)
+    _store_formatted_param(param_ptr, master_ptr, remainder_ptr, offs, off, end, p, mask, master_mask, has_remainder,
+                           stochastic, key, PARAM_DTYPE, BLOCK, FULL)
+    if MOMENTS == FORMAT_BLOCKWISE_8BIT:
+        write = tl.full([], 1, tl.int1)
+        _store_quantized(exp_avg_ptr, absmax0_ptr, qmap_ptr, offs, off, end, m, mask, write, QMAP_SIGNED_THRESHOLDS,
+                         BLOCK, QBLOCK, FULL)
+        _store_quantized(exp_avg_sq_ptr, absmax1_ptr, qmap_ptr, offs, off, end, v, mask, write,
+                         QMAP_UNSIGNED_THRESHOLDS, BLOCK, QBLOCK, FULL)
+    elif MOMENTS == FORMAT_BFLOAT16:
+        _store_bf16_state(exp_avg_ptr, offs, m, mask, nearest, _state_key(key, STATE_SALT0))
+        _store_bf16_state(exp_avg_sq_ptr, offs, v, mask, nearest, _state_key(key, STATE_SALT1))
+        _store_bf16_state(max_exp_avg_sq_ptr, offs, vmax, vmax_mask, nearest, _state_key(key, STATE_SALT2))
+    else:
+        tl.store(exp_avg_ptr + offs, m, mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+        tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=vmax_mask)
+
+
+@triton.jit
+def _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale, clip_coef,
+                          grad_sign, decoupled, decay, l2, weight_decay, lerp_small, lerp_weight,
+                          lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps, neg_step_size, stochastic,
+                          key, flags, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+                          MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """The blocks of one chunk of a formatted row (kColFormat != 0) whose moments are in format MOMENTS: the
+    vector path up to full_end, the masked path after it, as in adam_kernel."""
+    if MOMENTS == FORMAT_BLOCKWISE_8BIT:
+        state_dtype: tl.constexpr = tl.uint8
+    elif MOMENTS == FORMAT_BFLOAT16:
+        state_dtype: tl.constexpr = tl.bfloat16
+    else:
+        state_dtype: tl.constexpr = tl.float32
+    param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+    exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(state_dtype))
+    exp_avg_sq_ptr = tl.load(entry + 3).to(tl.pointer_type(state_dtype))
+    max_exp_avg_sq_ptr = tl.load(entry + 4).to(tl.pointer_type(state_dtype))
+    master_ptr = master_address.to(tl.pointer_type(tl.float32))
+    remainder_ptr = master_address.to(tl.pointer_type(tl.int16))
+    absmax0_ptr = tl.load(entry + 11).to(tl.pointer_type(tl.float32))
+    absmax1_ptr = tl.load(entry + 12).to(tl.pointer_type(tl.float32))
+    qmap_ptr = tl.load(entry + 13).to(tl.pointer_type(tl.float32))
+    has_remainder = ((fmt & FORMAT_MASTER_REMAINDER) != 0) & (master_address != 0)
+    has_master = (master_address != 0) & ((fmt & FORMAT_MASTER_REMAINDER) == 0)
+    nearest = (flags & STATE_ROUND_NEAREST) != 0
+    for off in range(start, full_end, BLOCK):
+        off = tl.multiple_of(off, BLOCK)
+        _adam_block_formatted(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16),
+                              tl.multiple_of(exp_avg_ptr, 16), tl.multiple_of(exp_avg_sq_ptr, 16),
+                              tl.multiple_of(max_exp_avg_sq_ptr, 16), tl.multiple_of(master_ptr, 16),
+                              tl.multiple_of(remainder_ptr, 16), absmax0_ptr, absmax1_ptr, qmap_ptr, off, end,
+                              amsgrad, has_master, has_remainder, grad_scale, clip_coef, grad_sign, decoupled, decay,
+                              l2, weight_decay, lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f,
+                              one_minus_beta2, bc2_sqrt, eps, neg_step_size, stochastic, key, nearest, PARAM_DTYPE,
+                              BLOCK, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, True)
+    for off in range(full_end, end, BLOCK):
+        _adam_block_formatted(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
+                              remainder_ptr, absmax0_ptr, absmax1_ptr, qmap_ptr, off, end, amsgrad, has_master,
+                              has_remainder, grad_scale, clip_coef, grad_sign, decoupled, decay, l2, weight_decay,
+                              lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
+                              neg_step_size, stochastic, key, nearest, PARAM_DTYPE, BLOCK, QBLOCK, MOMENTS, HAS_SCALE,
+                              HAS_CLIP, False)
+
+
+@triton.jit
 def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, schedule_ptr, segments,
                 schedule_step_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, step_advance_ptr, seed_lo, seed_hi,
-                PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, QBLOCK: tl.constexpr,
                 ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr):
-    """Adam / AdamW over every chunk of the bucket; see the module docstring for the tables."""
+    """Adam / AdamW over every chunk of the bucket; see the module docstring for the tables. A row whose states
+    have a low-memory format (kColFormat != 0) takes _adam_formatted_chunk; QBLOCK: the 8-bit rows' block size."""
     grad_scale, clip_coef, skipped = _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE,
                                                   HAS_FOUND_INF, HAS_CLIP)
     for c in range(tl.program_id(0), tl.where(skipped, 0, n_chunks), tl.num_programs(0)):
@@ -150,19 +273,42 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         aligned = ((tl.load(entry + 0) | tl.load(entry + 1) | tl.load(entry + 2) | tl.load(entry + 3)
                     | tl.load(entry + 4) | master_address) & 15) == 0
         full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
-        for off in range(start, full_end, BLOCK):
-            off = tl.multiple_of(off, BLOCK)
-            _adam_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(exp_avg_ptr, 16),
-                        tl.multiple_of(exp_avg_sq_ptr, 16), tl.multiple_of(max_exp_avg_sq_ptr, 16),
-                        tl.multiple_of(master_ptr, 16), off, end, amsgrad, has_master, grad_scale, clip_coef,
-                        grad_sign, decoupled, decay, l2, weight_decay, lerp_small, lerp_weight,
-                        lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps, neg_step_size, stochastic, key,
-                        PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, True)
-        for off in range(full_end, end, BLOCK):
-            _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, off, end,
-                        amsgrad, has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2, weight_decay,
-                        lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
-                        neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
+        fmt = tl.load(entry + 10)
+        if fmt == 0:  # float32 states
+            for off in range(start, full_end, BLOCK):
+                off = tl.multiple_of(off, BLOCK)
+                _adam_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16),
+                            tl.multiple_of(exp_avg_ptr, 16), tl.multiple_of(exp_avg_sq_ptr, 16),
+                            tl.multiple_of(max_exp_avg_sq_ptr, 16), tl.multiple_of(master_ptr, 16), off, end, amsgrad,
+                            has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2, weight_decay,
+                            lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
+                            neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, True)
+            for off in range(full_end, end, BLOCK):
+                _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, off,
+                            end, amsgrad, has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2,
+                            weight_decay, lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2,
+                            bc2_sqrt, eps, neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP,
+                            False)
+        else:
+            moments = fmt & FORMAT_MASK
+            if moments == FORMAT_BLOCKWISE_8BIT:
+                _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
+                                      clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
+                                      lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
+                                      neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK,
+                                      FORMAT_BLOCKWISE_8BIT, HAS_SCALE, HAS_CLIP)
+            elif moments == FORMAT_BFLOAT16:
+                _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
+                                      clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
+                                      lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
+                                      neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK,
+                                      FORMAT_BFLOAT16, HAS_SCALE, HAS_CLIP)
+            else:  # float32 moments, the master in a remainder
+                _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
+                                      clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
+                                      lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
+                                      neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK, 0, HAS_SCALE,
+                                      HAS_CLIP)
 
     _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, True, ROW_BLOCK)
 
@@ -172,7 +318,7 @@ def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, 
                 schedule_step: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                 found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
                 step_advance: torch.Tensor | None = None, sr_seed: int = 0, BLOCK: int = DEFAULT_BLOCK,
-                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS, QBLOCK: int = DEFAULT_QBLOCK) -> None:
     """One Adam/AdamW step of a bucket, steps included, in one launch.
 
     table: int64 [n, TABLE_COLUMNS] address table; chunks: int64 [n_chunks, 2] from ``build_chunks(numels,
@@ -181,10 +327,11 @@ def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, 
     schedule (optional): float64 [groups, segments, 16] schedule programs (schedule_math.h), contiguous, with
     schedule_step: float64 [1], the scheduler's step; the lr and beta1 a group's program sets at that step replace
     the table's. grad_scale / found_inf / clip_coef (optional float32 [1]) and step_advance (optional float64 [1],
-    written): see the module docstring; sr_seed: the seed of stochastic rounding.
+    written): see the module docstring; sr_seed: the seed of stochastic rounding (of the param and of bfloat16
+    moments); QBLOCK: the block size of every 8-bit row (docs/state_formats.md).
     """
     _launch(adam_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
-            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, sr_seed)
+            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, sr_seed, QBLOCK)
 
 
 # The registered ops run the kernels of the optimizers' eager runner on the arguments of fused_sched::adam_step_ /

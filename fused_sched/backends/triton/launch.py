@@ -12,6 +12,10 @@ from .. import triton_interpreted
 from ..device_tables import COL_NUMEL, TABLE_COLUMNS, build_chunks, to_device
 from .step_common import _ROW_BLOCK, _TL_DTYPES, DEFAULT_BLOCK, DEFAULT_CHUNK
 
+#: The block sizes of 8-bit states (state_format.BLOCK_SIZES) and the default: the kernels' QBLOCK.
+QBLOCK_SIZES = (32, 64, 128, 256)
+DEFAULT_QBLOCK = 256
+
 
 def _check_schedule(schedule, schedule_step, hyper):
     """effective_hyper's checks (csrc/cpu/step_common.cpp), on the hyper-parameter table's device."""
@@ -45,11 +49,16 @@ def _check_step_scalar(t, name, dtype, device):
 
 
 def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK, CHUNK,
-            num_warps, grad_scale=None, found_inf=None, clip_coef=None, step_advance=None, sr_seed=0):
+            num_warps, grad_scale=None, found_inf=None, clip_coef=None, step_advance=None, sr_seed=0,
+            QBLOCK=DEFAULT_QBLOCK):
     if param_dtype not in _TL_DTYPES:
         raise ValueError(f"parameters must be float32, bfloat16 or float16, got {param_dtype}")
     if BLOCK <= 0 or BLOCK & (BLOCK - 1) or CHUNK % BLOCK:
         raise ValueError(f"BLOCK must be a power of two dividing CHUNK, got BLOCK={BLOCK}, CHUNK={CHUNK}")
+    # The 8-bit states' blocks (docs/state_formats.md): a block never straddles two BLOCKs of a program.
+    if QBLOCK not in QBLOCK_SIZES or BLOCK % QBLOCK:
+        raise ValueError(f"QBLOCK (the 8-bit block size) must be one of {QBLOCK_SIZES} and divide BLOCK, got "
+                         f"QBLOCK={QBLOCK}, BLOCK={BLOCK}")
     if table.dim() != 2 or table.shape[1] != TABLE_COLUMNS:
         raise ValueError(f"the address table must be int64 [n, {TABLE_COLUMNS}], got {list(table.shape)}")
     _check_schedule(schedule, schedule_step, hyper)
@@ -64,7 +73,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
     # At least one program even without chunks (a bucket of empty tensors): the steps must still advance.
     grid = max(1, min(num_programs, n_chunks))
     specialization = (kernel.fn.__name__, param_dtype, schedule is None, grad_scale is None, found_inf is None,
-                      clip_coef is None, BLOCK, CHUNK, num_warps, hyper.device)
+                      clip_coef is None, BLOCK, CHUNK, QBLOCK, num_warps, hyper.device)
     cap = _RESIDENT_PROGRAMS.get(specialization)
     if cap is not None:
         grid = min(grid, cap)
@@ -72,7 +81,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
         table, chunks, hyper, counter, n_rows, n_chunks,
         schedule, 0 if schedule is None else schedule.shape[1], schedule_step,
         grad_scale, found_inf, clip_coef, step_advance, *_seed_halves(sr_seed),
-        PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, ROW_BLOCK=_ROW_BLOCK,
+        PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, QBLOCK=QBLOCK, ROW_BLOCK=_ROW_BLOCK,
         HAS_SCHEDULE=schedule is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         HAS_CLIP=clip_coef is not None,
         num_warps=num_warps,
@@ -84,7 +93,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
 
 
 #: Persistent programs that a specialization's compiled kernel keeps resident on the whole device, by
-#: (kernel, dtype, optional inputs, BLOCK, CHUNK, num_warps, device): found at its first launch.
+#: (kernel, dtype, optional inputs, BLOCK, CHUNK, QBLOCK, num_warps, device): found at its first launch.
 _RESIDENT_PROGRAMS: dict = {}
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ..device_tables import DeviceTables, NormWorkspace
+from ..device_tables import COL_FORMAT, DeviceTables, NormWorkspace
 from .adam import launch_adam
 from .grad_norm import launch_grad_norm
-from .launch import _launch_config
+from .launch import DEFAULT_QBLOCK, QBLOCK_SIZES, _launch_config
 from .sgd import launch_sgd
 
 #: The launcher of each optimizer family (FusedOptimizer._algorithm): one line per optimizer.
@@ -29,22 +29,36 @@ LAUNCHERS = {
 
 
 class TritonBucketRunner(DeviceTables):
-    """One bucket's device tables and its Triton launch."""
+    """One bucket's device tables and its Triton launch. block_size: the optimizer's 8-bit block size, the
+    kernels' constexpr QBLOCK (every 8-bit row of the bucket must use it; the rows' own block size is checked
+    against it whenever the table is uploaded)."""
 
     algorithms = LAUNCHERS
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str):
+    def __init__(self, device: torch.device, dtype: torch.dtype, algorithm: str, block_size: int = DEFAULT_QBLOCK):
+        if block_size not in QBLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {QBLOCK_SIZES}, got {block_size}")
         super().__init__(device, dtype, algorithm)
         self.config = None
+        self.block_size = block_size
 
     def _configure(self, numels: list[int]) -> torch.Tensor:
         self.config, chunks = _launch_config(self.device, numels)
         return chunks
 
+    def _rebuild(self, host: torch.Tensor) -> None:
+        # kColFormat (docs/state_formats.md): bits 0-1 the moments' format (2: 8-bit), bits 8-15 log2(block size).
+        formats = host[:, COL_FORMAT]
+        eight_bit = (formats & 3) == 2
+        if bool(eight_bit.any()) and bool(((formats[eight_bit] >> 8) & 0xFF).ne(self.block_size.bit_length() - 1)
+                                          .any()):
+            raise ValueError(f"8-bit states of this bucket use another block size than the runner's {self.block_size}")
+        super()._rebuild(host)
+
     def _launch(self, hyper: torch.Tensor, **options) -> None:
         """adam.launch_adam / sgd.launch_sgd."""
         self.launcher(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
-                      BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], **options)
+                      BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], QBLOCK=self.block_size, **options)
 
     def _norm_slots(self) -> int:
         return max(1, min(self.config["num_programs"], self.chunks.shape[0]))

@@ -7,7 +7,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
+from .launch import DEFAULT_QBLOCK, _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
+from .state_format import (
+    FORMAT_BLOCKWISE_8BIT,
+    FORMAT_MASK,
+    FORMAT_MASTER_REMAINDER,
+    QMAP_SIGNED_CODES,
+    QMAP_SIGNED_THRESHOLDS,
+    _dequantize,
+    _formatted_inputs,
+    _store_formatted_param,
+    _store_quantized,
+)
 from .step_common import (
     _MAXIMIZE,
     _NESTEROV,
@@ -25,6 +36,18 @@ from .step_common import (
 
 
 @triton.jit
+def _sgd_element(p, g, buf, has_momentum, fresh, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
+                 nesterov, neg_lr):
+    """sgd_element, operation for operation, on float32 values: (param, momentum_buffer)."""
+    g = g * grad_sign
+    g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
+    buf = tl.where(fresh, g, tl.fma(g, one_minus_dampening, buf * momentum_f))
+    g = tl.where(has_momentum, tl.where(nesterov, tl.fma(buf, momentum_f, g), buf), g)
+    p = tl.fma(g, neg_lr, p)  # param.add_(grad, alpha=-lr)
+    return p, buf
+
+
+@triton.jit
 def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has_momentum, has_master, fresh,
                grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov,
                neg_lr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -34,25 +57,81 @@ def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has
                                                   clip_coef, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, FULL)
     buf_write_mask = _state_mask(has_momentum, offs, off, end, BLOCK, FULL)
     buf = tl.load(buf_ptr + offs, mask=_state_mask(read_buf, offs, off, end, BLOCK, FULL))
-
-    # sgd_element, operation for operation.
-    g = g * grad_sign
-    g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)  # grad.add(param, alpha=weight_decay)
-    buf = tl.where(fresh, g, tl.fma(g, one_minus_dampening, buf * momentum_f))
-    g = tl.where(has_momentum, tl.where(nesterov, tl.fma(buf, momentum_f, g), buf), g)
-    p = tl.fma(g, neg_lr, p)  # param.add_(grad, alpha=-lr)
-
+    p, buf = _sgd_element(p, g, buf, has_momentum, fresh, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                          momentum_f, nesterov, neg_lr)
     _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, False, tl.full([], 0, tl.uint32), PARAM_DTYPE)
     tl.store(buf_ptr + offs, buf, mask=buf_write_mask)
 
 
 @triton.jit
+def _sgd_block_formatted(param_ptr, grad_ptr, buf_ptr, master_ptr, remainder_ptr, absmax_ptr, qmap_ptr, off, end,
+                         read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale, clip_coef, grad_sign,
+                         has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov, neg_lr,
+                         PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, MOMENTS: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, FULL: tl.constexpr):
+    """_sgd_block of a row with low-memory states (docs/state_formats.md): an 8-bit momentum buffer (MOMENTS 2)
+    dequantized, sgd_element unchanged, the buffer quantized again; the param joined from / split into its int16
+    remainder where the row has one. A fresh buffer reads no codes (it is the gradient)."""
+    offs, mask, master_mask, p, g = _formatted_inputs(param_ptr, grad_ptr, master_ptr, remainder_ptr, off, end,
+                                                      has_master, has_remainder, grad_scale, clip_coef, PARAM_DTYPE,
+                                                      BLOCK, HAS_SCALE, HAS_CLIP, FULL)
+    read_mask = _state_mask(read_buf, offs, off, end, BLOCK, FULL)
+    if MOMENTS == FORMAT_BLOCKWISE_8BIT:
+        buf = _dequantize(buf_ptr, absmax_ptr, qmap_ptr, offs, read_mask, QMAP_SIGNED_CODES, QBLOCK)
+    else:
+        buf = tl.load(buf_ptr + offs, mask=read_mask)
+    p, buf = _sgd_element(p, g, buf, has_momentum, fresh, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                          momentum_f, nesterov, neg_lr)
+    _store_formatted_param(param_ptr, master_ptr, remainder_ptr, offs, off, end, p, mask, master_mask, has_remainder,
+                           False, tl.full([], 0, tl.uint32), PARAM_DTYPE, BLOCK, FULL)
+    if MOMENTS == FORMAT_BLOCKWISE_8BIT:
+        _store_quantized(buf_ptr, absmax_ptr, qmap_ptr, offs, off, end, buf, mask, has_momentum,
+                         QMAP_SIGNED_THRESHOLDS, BLOCK, QBLOCK, FULL)
+    else:
+        tl.store(buf_ptr + offs, buf, mask=_state_mask(has_momentum, offs, off, end, BLOCK, FULL))
+
+
+@triton.jit
+def _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
+                         grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
+                         nesterov, neg_lr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+                         MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """The blocks of one chunk of a formatted row (kColFormat != 0) whose buffer is in format MOMENTS, as in
+    sgd_kernel."""
+    if MOMENTS == FORMAT_BLOCKWISE_8BIT:
+        buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.uint8))
+    else:
+        buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+    param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+    master_ptr = master_address.to(tl.pointer_type(tl.float32))
+    remainder_ptr = master_address.to(tl.pointer_type(tl.int16))
+    absmax_ptr = tl.load(entry + 11).to(tl.pointer_type(tl.float32))
+    qmap_ptr = tl.load(entry + 13).to(tl.pointer_type(tl.float32))
+    has_remainder = ((fmt & FORMAT_MASTER_REMAINDER) != 0) & (master_address != 0)
+    has_master = (master_address != 0) & ((fmt & FORMAT_MASTER_REMAINDER) == 0)
+    for off in range(start, full_end, BLOCK):
+        off = tl.multiple_of(off, BLOCK)
+        _sgd_block_formatted(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(buf_ptr, 16),
+                             tl.multiple_of(master_ptr, 16), tl.multiple_of(remainder_ptr, 16), absmax_ptr, qmap_ptr,
+                             off, end, read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale,
+                             clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov,
+                             neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, True)
+    for off in range(full_end, end, BLOCK):
+        _sgd_block_formatted(param_ptr, grad_ptr, buf_ptr, master_ptr, remainder_ptr, absmax_ptr, qmap_ptr, off, end,
+                             read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale, clip_coef,
+                             grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov, neg_lr,
+                             PARAM_DTYPE, BLOCK, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, False)
+
+
+@triton.jit
 def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, schedule_ptr, segments,
                schedule_step_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, step_advance_ptr, seed_lo, seed_hi,
-               PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+               PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, QBLOCK: tl.constexpr,
                ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr):
-    """SGD (momentum, dampening, Nesterov) over every chunk of the bucket; see the module docstring."""
+    """SGD (momentum, dampening, Nesterov) over every chunk of the bucket; see the module docstring. A row whose
+    states have a low-memory format (kColFormat != 0) takes _sgd_formatted_chunk; QBLOCK: the 8-bit block size."""
     grad_scale, clip_coef, skipped = _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE,
                                                   HAS_FOUND_INF, HAS_CLIP)
     for c in range(tl.program_id(0), tl.where(skipped, 0, n_chunks), tl.num_programs(0)):
@@ -92,16 +171,27 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         # Vector path for the full blocks of aligned tensors, as in adam_kernel.
         aligned = ((tl.load(entry + 0) | tl.load(entry + 1) | tl.load(entry + 2) | master_address) & 15) == 0
         full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
-        for off in range(start, full_end, BLOCK):
-            off = tl.multiple_of(off, BLOCK)
-            _sgd_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(buf_ptr, 16),
-                       tl.multiple_of(master_ptr, 16), off, end, read_buf, has_momentum, has_master, fresh,
-                       grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
-                       nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, True)
-        for off in range(full_end, end, BLOCK):
-            _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has_momentum, has_master, fresh,
-                       grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
-                       nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
+        fmt = tl.load(entry + 10)
+        if fmt == 0:  # a float32 buffer
+            for off in range(start, full_end, BLOCK):
+                off = tl.multiple_of(off, BLOCK)
+                _sgd_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(buf_ptr, 16),
+                           tl.multiple_of(master_ptr, 16), off, end, read_buf, has_momentum, has_master, fresh,
+                           grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
+                           nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, True)
+            for off in range(full_end, end, BLOCK):
+                _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has_momentum, has_master,
+                           fresh, grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                           momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
+        elif (fmt & FORMAT_MASK) == FORMAT_BLOCKWISE_8BIT:
+            _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
+                                 grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                                 momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, FORMAT_BLOCKWISE_8BIT,
+                                 HAS_SCALE, HAS_CLIP)
+        else:  # a float32 buffer, the master in a remainder
+            _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
+                                 grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                                 momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, 0, HAS_SCALE, HAS_CLIP)
 
     _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, False, ROW_BLOCK)
 
@@ -111,14 +201,14 @@ def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, c
                schedule_step: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
                step_advance: torch.Tensor | None = None, sr_seed: int = 0, BLOCK: int = DEFAULT_BLOCK,
-               CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+               CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS, QBLOCK: int = DEFAULT_QBLOCK) -> None:
     """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards
     (unless found_inf skipped the step).
 
     Arguments as for ``launch_adam``; a schedule sets lr and momentum; SGD never rounds stochastically.
     """
     _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
-            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, 0)
+            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, 0, QBLOCK)
 
 
 _SGD_SCHEMA, _SGD_WRITES = _schema_of("sgd_step_")
