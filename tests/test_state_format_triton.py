@@ -68,8 +68,9 @@ def mirror(algorithm, case, hyper, *, sr_seed=0, nearest=False, fresh=None):
     remainder = [bool(f & sf.MASTER_REMAINDER) for f in formats]
     wide = [[cases.widen(s, case["absmax"][k][i] if eight[i] else None, k == 0, bs) for i, s in enumerate(col)]
             for k, col in enumerate(out["states"])]  # widen() returns float32 states themselves: the copies
-    masters = [sf.join_remainder(p, m) if r else m for p, m, r in zip(out["params"], out["masters"], remainder,
-                                                                        strict=True)]
+    masters = [sf.join_remainder(p, m) if r else m
+               for p, m, r in zip(out["params"], out["masters"] or [torch.empty(0)] * len(formats), remainder,
+                                  strict=True)]
     cases.run_bucket("triton", algorithm, out["params"], wide, out["steps"], hyper, masters=masters, fresh=fresh,
                      sr_seed=sr_seed)
     for i, r in enumerate(remainder):

@@ -2,8 +2,9 @@
 
 Modules: one per optimizer family, each with its block update, its kernel over a bucket's chunks, its launcher and
 its custom op (``adam.py``, ``sgd.py``; the norm pass of fused clipping: ``grad_norm.py``); what they share:
-``step_common.py`` (jit helpers), ``launch.py`` (checks, grid, configuration, tensor-list tables), ``schedule.py``
-and ``libm.py`` (the device schedule), ``runner.py`` (the eager runner and its table of launchers).
+``step_common.py`` (jit helpers), ``state_format.py`` (the low-memory state formats' rules), ``launch.py`` (checks,
+grid, configuration, tensor-list tables), ``schedule.py`` and ``libm.py`` (the device schedule), ``runner.py`` (the
+eager runner and its table of launchers).
 
 Design
 ------
@@ -35,6 +36,15 @@ Design
   optional states are gated by masks uniform over the block), so every load and store is a 16-byte vector; the
   partial last block and misaligned tensors take the masked path (FULL=False). Both paths compute the same
   operations in the same order (bit-for-bit tests against the C++ backend cover each).
+* Low-memory state formats (docs/state_formats.md): each chunk reads its row's format column. Format 0 (float32
+  states, no remainder) takes the float32 path above, unchanged; any other row takes ``_adam_formatted_chunk`` /
+  ``_sgd_formatted_chunk``, specialized at compile time on the moments' format (float32, bfloat16, blockwise 8-bit)
+  and branched at run time per chunk, which widen the states to float32, run the same element update
+  (``_adam_element`` / ``_sgd_element``) and narrow the results; a bfloat16 param whose master is an int16
+  remainder is joined into its float32 master and split back. One launch updates rows of every format. The 8-bit
+  block size is the constexpr ``QBLOCK`` (``TritonBucketRunner(block_size=...)``, the optimizer's one size); a BLOCK
+  of new values is reshaped to ``[BLOCK // QBLOCK, QBLOCK]`` for the blocks' absmax. The registered list ops stay
+  float32-only.
 * Step advance without a race: a program reads a tensor's step (and uses step + 1) while it updates that
   tensor's chunks, so no step may change before every program is done. Each program therefore takes a ticket
   from ``counter`` (int32, zero before the launch) once its chunks are done; the program holding the last ticket

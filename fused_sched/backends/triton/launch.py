@@ -55,9 +55,10 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
         raise ValueError(f"parameters must be float32, bfloat16 or float16, got {param_dtype}")
     if BLOCK <= 0 or BLOCK & (BLOCK - 1) or CHUNK % BLOCK:
         raise ValueError(f"BLOCK must be a power of two dividing CHUNK, got BLOCK={BLOCK}, CHUNK={CHUNK}")
-    # The 8-bit states' blocks (docs/state_formats.md): a block never straddles two BLOCKs of a program.
-    if QBLOCK not in QBLOCK_SIZES or BLOCK % QBLOCK:
-        raise ValueError(f"QBLOCK (the 8-bit block size) must be one of {QBLOCK_SIZES} and divide BLOCK, got "
+    # The 8-bit states' blocks (docs/state_formats.md) never straddle two of the half BLOCKs that formatted rows
+    # are updated in.
+    if QBLOCK not in QBLOCK_SIZES or (BLOCK // 2) % QBLOCK:
+        raise ValueError(f"QBLOCK (the 8-bit block size) must be one of {QBLOCK_SIZES} and divide BLOCK // 2, got "
                          f"QBLOCK={QBLOCK}, BLOCK={BLOCK}")
     if table.dim() != 2 or table.shape[1] != TABLE_COLUMNS:
         raise ValueError(f"the address table must be int64 [n, {TABLE_COLUMNS}], got {list(table.shape)}")

@@ -98,6 +98,10 @@ def _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentu
                          MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
     """The blocks of one chunk of a formatted row (kColFormat != 0) whose buffer is in format MOMENTS, as in
     sgd_kernel."""
+    # Half blocks (2 elements per thread at BLOCK 512 and 4 warps, where the float32 path moves 4): the formats'
+    # work (dequantization, block absmax, code search, rounding, remainder split) then fits the registers of the
+    # float32 path; with whole blocks the Adam kernels of bfloat16 params spilled on sm_90.
+    HALF: tl.constexpr = BLOCK // 2
     if MOMENTS == FORMAT_BLOCKWISE_8BIT:
         buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.uint8))
     else:
@@ -110,18 +114,18 @@ def _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentu
     qmap_ptr = tl.load(entry + 13).to(tl.pointer_type(tl.float32))
     has_remainder = ((fmt & FORMAT_MASTER_REMAINDER) != 0) & (master_address != 0)
     has_master = (master_address != 0) & ((fmt & FORMAT_MASTER_REMAINDER) == 0)
-    for off in range(start, full_end, BLOCK):
-        off = tl.multiple_of(off, BLOCK)
+    for off in range(start, full_end, HALF):
+        off = tl.multiple_of(off, HALF)
         _sgd_block_formatted(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(buf_ptr, 16),
                              tl.multiple_of(master_ptr, 16), tl.multiple_of(remainder_ptr, 16), absmax_ptr, qmap_ptr,
                              off, end, read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale,
                              clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov,
-                             neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, True)
-    for off in range(full_end, end, BLOCK):
+                             neg_lr, PARAM_DTYPE, HALF, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, True)
+    for off in range(full_end, end, HALF):
         _sgd_block_formatted(param_ptr, grad_ptr, buf_ptr, master_ptr, remainder_ptr, absmax_ptr, qmap_ptr, off, end,
                              read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale, clip_coef,
                              grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov, neg_lr,
-                             PARAM_DTYPE, BLOCK, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, False)
+                             PARAM_DTYPE, HALF, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, False)
 
 
 @triton.jit
