@@ -95,8 +95,14 @@ def _search_step(q, y, thresholds_ptr, S: tl.constexpr):
 @triton.jit
 def _quantize(x, scale, thresholds_ptr):
     """quantize_code: the number of thresholds below y = x / absmax (0 where absmax is 0; a NaN y gives 0), by the
-    branchless binary search over the 255 sorted thresholds (gathered loads of the code table's row)."""
-    y = tl.where(scale == 0.0, 0.0, tl.div_rn(x, tl.where(scale == 0.0, 1.0, scale)))
+    branchless binary search over the 255 sorted thresholds (gathered loads of the code table's row).
+
+    y is the float32 division rounded to nearest (div_rn), computed as the float64 quotient rounded to float32:
+    the same value (rounding twice is harmless for a quotient when the first precision is at least 2 * 24 + 2
+    bits, 53 here; the float64 quotient of float32 values neither overflows nor underflows). On sm_90 the float32
+    div_rn's slow-path subroutine left call frames of 12-16 bytes in the SGD kernels; float64's leaves none."""
+    divisor = tl.where(scale == 0.0, 1.0, scale).to(tl.float64)
+    y = tl.where(scale == 0.0, 0.0, (x.to(tl.float64) / divisor).to(tl.float32))
     q = tl.zeros(x.shape, tl.int32)
     q = _search_step(q, y, thresholds_ptr, 128)
     q = _search_step(q, y, thresholds_ptr, 64)
