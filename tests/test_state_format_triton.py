@@ -163,14 +163,16 @@ def test_sgd(dtype, moments, remainder, block_size, nesterov, fresh):
 
 @pytest.mark.parametrize("block_size", [64, 256])
 def test_adam_mixed_bucket(block_size):
-    """Every format in one launch, odd sizes and a tensor over a chunk; bfloat16 states of both roundings."""
+    """Every format in one launch, odd sizes and a tensor over a chunk; bfloat16 states of both roundings, and
+    the params without a master rounded stochastically."""
     parts = [make_case(torch.bfloat16, numels, moments, remainder=remainder, block_size=block_size, seed=seed)
              for seed, (numels, moments, remainder) in enumerate([
                  ([257, BIG], Q8, False), ([1000], Q8, True), ([1, 255], BF16, False), ([BIG], BF16, True),
                  ([300], F32, True), ([257, 1], F32, False)])]
     case = merge(parts)
     for nearest in (False, True):
-        two_steps("adam", case, cases.hyper("adam", nearest), sr_seed=99, nearest=nearest, generic=True)
+        hyper = cases.hyper("adam", nearest, stochastic_rounding=True)
+        two_steps("adam", case, hyper, sr_seed=99, nearest=nearest, generic=True)
 
 
 def test_sgd_mixed_bucket():
