@@ -5,9 +5,9 @@ the results narrowed by the mirror), over several consecutive steps, for rows of
 from __future__ import annotations
 
 import pytest
-import state_format_cases as C
 import torch
 
+import state_format_cases as C
 from fused_sched._extension import load_extension
 from fused_sched.optim import state_format as sf
 
@@ -306,3 +306,95 @@ def test_rejected_formats_write_nothing():
     with pytest.raises(RuntimeError, match="amsgrad"):
         bucket.adam_step(C.hyper("adam", amsgrad=True))
     C.assert_same(out, case)
+
+
+# -- the codes themselves: every bucket boundary, every threshold +-2 ulp, all magnitudes, for every capability --
+
+
+def _boundary_values(thresholds):
+    """|y| <= 1 values where a code can change: each float prefix (bits >> 16: the kernels' buckets) at and next
+    to its boundaries, each threshold and its 2 neighbours on each side, zeros, denormals, random bits."""
+    prefixes = torch.arange(0, 0x3F81, dtype=torch.int64) << 16
+    bits = torch.cat([prefixes + d for d in (-1, 0, 1, 0x7FFF, 0xFFFF)])
+    t = thresholds.view(torch.int32).to(torch.int64)
+    bits = torch.cat([bits, *(t + d for d in range(-2, 3)), *(-t + d for d in range(-2, 3)),
+                      torch.randint(0, 0x3F800001, (100000,), generator=torch.Generator().manual_seed(1))])
+    bits = bits.abs().clamp(0, 0x3F800000).to(torch.int32).view(torch.float32)
+    return torch.cat([bits, -bits, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0])])
+
+
+def _sgd_codes(values, qmap):
+    """The momentum codes of a fresh 8-bit SGD buffer (= the gradient `values`, block 256, signed-map row of
+    `qmap`): y = value / absmax of its block."""
+    native = load_extension()
+    n = values.numel()
+    p = torch.zeros(n)
+    p.grad = values.clone()
+    codes, absmax = torch.zeros(n, dtype=torch.uint8), torch.zeros(-(-n // 256))
+    bucket = native.OptimBucket([p], [[codes]], [], [0], [], [0], [sf.format_column(Q8, False, 256)],
+                                [[absmax], []], qmap)
+    assert bucket.refresh_grads() == ""
+    bucket.sgd_step(C.hyper("sgd", weight_decay=0.0), [1])
+    return codes
+
+
+def _expected_codes(values, thresholds):
+    blocks = -(-values.numel() // 256)
+    padded = torch.zeros(blocks * 256)
+    padded[:values.numel()] = values
+    a = padded.view(blocks, 256).abs().amax(1)
+    a = torch.where(padded.view(blocks, 256).isnan().any(1), float("nan"), a).repeat_interleave(256)[:values.numel()]
+    y = torch.where(a == 0, torch.zeros_like(values), values / a)
+    return torch.where(y.isnan(), 0, torch.searchsorted(thresholds, y)).to(torch.uint8)
+
+
+def _code_tables():
+    """(name, qmap whose signed rows the SGD momentum uses, its thresholds): both dynamic maps, and made-up maps
+    for the search fallback (a threshold at 0) and random sorted thresholds (bucketed or not)."""
+    q = sf.qmap("cpu")
+    unsigned = q.clone()
+    unsigned[0:2] = q[2:4]
+    fallback = q.clone()
+    fallback[1, :255] = torch.linspace(-1, 1, 255)
+    rand = q.clone()
+    rand[1, :255] = (torch.randn(255, generator=torch.Generator().manual_seed(2)) * 0.3).clamp(-1, 1).sort().values
+    return [("signed", q), ("unsigned", unsigned), ("fallback", fallback), ("random", rand)]
+
+
+def test_dynamic_maps_take_the_bucket_table():
+    # quantize_kernels.h's condition for its table (else it searches): per sign, no two thresholds share a float
+    # prefix (bits >> 16), none is +-0, denormal-adjacent (prefix < 2) or >= 1 in magnitude
+    for row in (sf.QMAP_SIGNED_THRESHOLDS, sf.QMAP_UNSIGNED_THRESHOLDS):
+        bits = sf.qmap("cpu")[row, :255].contiguous().view(torch.int32).to(torch.int64)
+        prefixes = (bits & 0xFFFFFFFF) >> 16
+        assert prefixes.unique().numel() == 255
+        magnitude = prefixes & 0x7FFF
+        assert magnitude.min() >= 2 and magnitude.max() < 0x3F80
+
+
+@pytest.mark.parametrize("name,qmap", _code_tables(), ids=[c[0] for c in _code_tables()])
+def test_codes_equal_the_count_rule(name, qmap):
+    thresholds = qmap[1, :255].contiguous()
+    values = _boundary_values(thresholds)
+    ones = torch.ones(-(-values.numel() // 255))  # each block of 256 starts with 1: absmax 1, y = value exactly
+    y = torch.cat([torch.cat([o.view(1), c]) for o, c in zip(ones, values.split(255), strict=True)])
+    y = torch.cat([y, torch.zeros((-y.numel()) % 256)])
+    for part in ([float("nan"), 0.5, -0.25], [float("inf"), 3.0, -2.0, 0.0], [0.0, -0.0] * 2, [1e-30, -3e-38, 2e-39]):
+        part = torch.tensor(part)  # blocks of their own: NaN, inf, zeros, tiny absmax
+        y = torch.cat([y, part, torch.zeros(256 - part.numel())])
+    expected = _expected_codes(y, thresholds)
+    if name == "signed":  # the mirror's quantization agrees with this model
+        assert torch.equal(sf.quantize_blockwise(y, True, 256)[0], expected)
+    native = load_extension()
+    best = native.cpu_capability()
+    try:
+        for cap in ("default", "avx2", "avx512"):
+            try:
+                native.set_cpu_capability(cap)
+            except RuntimeError:
+                continue
+            got = _sgd_codes(y, qmap)
+            bad = (got != expected).nonzero().flatten()[:5].tolist()
+            assert not bad, (cap, [(y[i].item(), got[i].item(), expected[i].item()) for i in bad])
+    finally:
+        native.set_cpu_capability(best)

@@ -15,6 +15,7 @@
 
 #include "fused_sched/state_format_math.h"
 #include "kernel_common.h"
+#include "quantize_kernels.h"
 
 namespace fused_sched::cpu::CPU_CAPABILITY {
 
@@ -34,9 +35,6 @@ inline float* indexed_from(float* stage, int64_t s) {
   return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(stage) - static_cast<uintptr_t>(s) * sizeof(float));
 }
 
-using IVec = at::vec::Vectorized<int32_t>;
-static_assert(IVec::size() == FVec::size(), "one int32 lane per float lane");
-
 // State k of elements [s, s + n) as float32: a bfloat16 widened exactly, an 8-bit code times its block's absmax
 // (exp_avg / momentum: signed map; exp_avg_sq: unsigned).
 inline void widen_state(const FormatSlot& t, int k, int64_t s, int64_t n, float* out) {
@@ -48,11 +46,7 @@ inline void widen_state(const FormatSlot& t, int k, int64_t s, int64_t n, float*
   const uint8_t* codes = static_cast<const uint8_t*>(t.narrow[k]) + s;
   const float* map = t.qmap + (k == 0 ? kQmapSignedCodes : kQmapUnsignedCodes) * kQmapEntries;
   const int64_t block = block_size_of(t.format);
-  for (int64_t b = 0; b < n; b += block) {
-    const float absmax = t.absmax[k][(s + b) / block];
-    const int64_t e = std::min(n, b + block);
-    for (int64_t j = b; j < e; ++j) out[j] = dequantize_code(map, codes[j], absmax);
-  }
+  dequantize_blocks(map, codes, n, t.absmax[k] + s / block, block, out);
 }
 
 // absmax_step over in[0, n) from 0: the largest |value|, or a NaN of the block. The vector maximum returns its own
@@ -72,89 +66,10 @@ inline float block_absmax(const float* in, int64_t n) {
   return absmax;
 }
 
-// The codes of quantize_code, a vector of elements at a time: y = x / absmax as the scalar division rounds it (0
-// where absmax is 0), and the code the number of thresholds below y (a NaN y compares false: code 0). The
-// thresholds are sorted (state_format.qmap), so the scalar binary search and any exact count agree.
-#if defined(CPU_CAPABILITY_AVX512)
-// AVX-512: the count from the table in registers. Lane g of `coarse` holds T[16g + 15], lane g of fine[r] T[16g + r]:
-// a binary search over the 15 coarse thresholds gives the group g = #{T[16g' + 15] < y}, then 15 lane permutes
-// count the thresholds of its group below y. Ten times the speed of gathering the thresholds of a binary search.
-struct Thresholds {
-  const float* sorted;  // the thresholds themselves (the scalar tail's)
-  alignas(64) float coarse[16];
-  alignas(64) float fine[15][16];
-  void build(const float* t) {
-    sorted = t;
-    for (int g = 0; g < 16; ++g) {
-      coarse[g] = t[16 * g + 15];
-      for (int r = 0; r < 15; ++r) fine[r][g] = t[16 * g + r];
-    }
-  }
-};
-
-inline void quantize_block(const Thresholds& table, const float* in, int64_t n, float absmax, uint8_t* out) {
-  const __m512 coarse = _mm512_load_ps(table.coarse);
-  const __m512 scale = _mm512_set1_ps(absmax);
-  const __m512i one = _mm512_set1_epi32(1);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 y = absmax == 0.0f ? _mm512_setzero_ps() : _mm512_div_ps(_mm512_loadu_ps(in + j), scale);
-    __m512i g = _mm512_setzero_si512();
-    for (int step = 8; step >= 1; step >>= 1) {
-      const __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(g, _mm512_set1_epi32(step - 1)), coarse);
-      g = _mm512_mask_add_epi32(g, _mm512_cmp_ps_mask(t, y, _CMP_LT_OQ), g, _mm512_set1_epi32(step));
-    }
-    __m512i code = _mm512_slli_epi32(g, 4);
-    for (int r = 0; r < 15; ++r) {
-      const __m512 t = _mm512_permutexvar_ps(g, _mm512_load_ps(table.fine[r]));  // a memory operand
-      code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(t, y, _CMP_LT_OQ), code, one);
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtepi32_epi8(code));
-  }
-  for (; j < n; ++j) out[j] = quantize_code(table.sorted, in[j], absmax);
-}
-#else
-// Other builds: the binary search with the thresholds gathered, U vectors together (each step waits on its
-// gather; independent searches hide the latency).
-struct Thresholds {
-  const float* sorted;
-  void build(const float* t) { sorted = t; }
-};
-
-template <int U>
-inline void quantize_vectors(const float* thresholds, const float* in, float absmax, uint8_t* out) {
-  constexpr int64_t F = FVec::size();
-  FVec y[U];
-  IVec q[U];
-  for (int u = 0; u < U; ++u) {
-    y[u] = absmax == 0.0f ? FVec(0.0f) : FVec::loadu(in + u * F) / FVec(absmax);
-    q[u] = IVec(0);
-  }
-  for (int32_t step = 128; step >= 1; step >>= 1) {
-    for (int u = 0; u < U; ++u) {
-      const FVec t = at::vec::gather<sizeof(float)>(thresholds, q[u] + IVec(step - 1));
-      q[u] = q[u] + (at::vec::cast<int32_t>(t < y[u]) & IVec(step));
-    }
-  }
-  alignas(64) int32_t codes[U * F];
-  for (int u = 0; u < U; ++u) q[u].store(codes + u * F);
-  for (int64_t k = 0; k < U * F; ++k) out[k] = static_cast<uint8_t>(codes[k]);
-}
-
-inline void quantize_block(const Thresholds& table, const float* in, int64_t n, float absmax, uint8_t* out) {
-  constexpr int64_t F = FVec::size();
-  const float* thresholds = table.sorted;
-  int64_t j = 0;
-  for (; j + 4 * F <= n; j += 4 * F) quantize_vectors<4>(thresholds, in + j, absmax, out + j);
-  for (; j + F <= n; j += F) quantize_vectors<1>(thresholds, in + j, absmax, out + j);
-  for (; j < n; ++j) out[j] = quantize_code(thresholds, in[j], absmax);
-}
-#endif
-
 // The updated values of state k, elements [s, s + n), written in the state's format: bfloat16 rounded
 // stochastically (bits of the element's index under the moment's key) or to nearest even; 8-bit, per block: the
 // block's new absmax (NaN if a value is NaN), then each value's code (`table`: the state's thresholds).
-inline void narrow_state(const FormatSlot& t, int k, const Thresholds& table, int64_t s, int64_t n,
+inline void narrow_state(const FormatSlot& t, int k, const QuantTable* table, int64_t s, int64_t n,
                          const float* in) {
   if (state_format_of(t.format) == kFormatBFloat16) {
     auto* h = static_cast<c10::BFloat16*>(t.narrow[k]) + s;
@@ -167,7 +82,7 @@ inline void narrow_state(const FormatSlot& t, int k, const Thresholds& table, in
     const int64_t m = std::min(n - b, block);
     const float absmax = block_absmax(in + b, m);
     t.absmax[k][(s + b) / block] = absmax;
-    quantize_block(table, in + b, m, absmax, codes + b);
+    quantize_block(*table, in + b, m, absmax, codes + b);
   }
 }
 
@@ -182,11 +97,11 @@ void staged_range(const TensorSlot& t, const Coeffs& c, const GradPrescale<float
   // Only a bfloat16 param has a remainder (set_slot_format checks it).
   int16_t* remainder = std::is_same_v<scalar_t, c10::BFloat16> ? f.remainder : nullptr;
   Stage stage;
-  Thresholds tables[3];  // of the 8-bit states (0: signed map, 1: unsigned); unused otherwise
+  const QuantTable* tables[3] = {};  // of the 8-bit states (0: signed map, 1: unsigned); unused otherwise
   if (state_format_of(f.format) == kFormatBlockwise8bit) {
     for (int k = 0; k < 2; ++k) {
       if (f.narrow[k] == nullptr) continue;
-      tables[k].build(f.qmap + (k == 0 ? kQmapSignedThresholds : kQmapUnsignedThresholds) * kQmapEntries);
+      tables[k] = &quant_table(f.qmap + (k == 0 ? kQmapSignedThresholds : kQmapUnsignedThresholds) * kQmapEntries);
     }
   }
   TensorSlot w = t;
