@@ -324,8 +324,7 @@ def _boundary_values(thresholds):
 
 
 def _sgd_codes(values, qmap):
-    """The momentum codes of a fresh 8-bit SGD buffer (= the gradient `values`, block 256, signed-map row of
-    `qmap`): y = value / absmax of its block."""
+    """Codes and absmax of a fresh 8-bit SGD buffer (= the gradient `values`; block 256; qmap's signed rows)."""
     native = load_extension()
     n = values.numel()
     p = torch.zeros(n)
@@ -335,17 +334,18 @@ def _sgd_codes(values, qmap):
                                 [[absmax], []], qmap)
     assert bucket.refresh_grads() == ""
     bucket.sgd_step(C.hyper("sgd", weight_decay=0.0), [1])
-    return codes
+    return codes, absmax
 
 
-def _expected_codes(values, thresholds):
+def _expected_codes(values, thresholds):  # codes and absmax by the contract's rules
     blocks = -(-values.numel() // 256)
     padded = torch.zeros(blocks * 256)
     padded[:values.numel()] = values
     a = padded.view(blocks, 256).abs().amax(1)
-    a = torch.where(padded.view(blocks, 256).isnan().any(1), float("nan"), a).repeat_interleave(256)[:values.numel()]
+    absmax = torch.where(padded.view(blocks, 256).isnan().any(1), float("nan"), a)
+    a = absmax.repeat_interleave(256)[:values.numel()]
     y = torch.where(a == 0, torch.zeros_like(values), values / a)
-    return torch.where(y.isnan(), 0, torch.searchsorted(thresholds, y)).to(torch.uint8)
+    return torch.where(y.isnan(), 0, torch.searchsorted(thresholds, y)).to(torch.uint8), absmax
 
 
 def _code_tables():
@@ -379,12 +379,11 @@ def test_codes_equal_the_count_rule(name, qmap):
     ones = torch.ones(-(-values.numel() // 255))  # each block of 256 starts with 1: absmax 1, y = value exactly
     y = torch.cat([torch.cat([o.view(1), c]) for o, c in zip(ones, values.split(255), strict=True)])
     y = torch.cat([y, torch.zeros((-y.numel()) % 256)])
-    for part in ([float("nan"), 0.5, -0.25], [float("inf"), 3.0, -2.0, 0.0], [0.0, -0.0] * 2, [1e-30, -3e-38, 2e-39]):
-        part = torch.tensor(part)  # blocks of their own: NaN, inf, zeros, tiny absmax
+    for part in ([float("nan"), 0.5], [float("inf"), 3.0, -2.0, 0.0], [0.0, -0.0], [1e-30, -3e-38], [3e-45, -1e-45]):
+        part = torch.tensor(part)  # blocks of their own: NaN, inf, zeros, tiny and denormal absmax
         y = torch.cat([y, part, torch.zeros(256 - part.numel())])
-    expected = _expected_codes(y, thresholds)
-    if name == "signed":  # the mirror's quantization agrees with this model
-        assert torch.equal(sf.quantize_blockwise(y, True, 256)[0], expected)
+    expected, absmax = _expected_codes(y, thresholds)
+    assert name != "signed" or torch.equal(sf.quantize_blockwise(y, True, 256)[0], expected)  # the mirror agrees
     native = load_extension()
     best = native.cpu_capability()
     try:
@@ -393,7 +392,8 @@ def test_codes_equal_the_count_rule(name, qmap):
                 native.set_cpu_capability(cap)
             except RuntimeError:
                 continue
-            got = _sgd_codes(y, qmap)
+            got, got_absmax = _sgd_codes(y, qmap)
+            torch.testing.assert_close(got_absmax, absmax, rtol=0, atol=0, equal_nan=True)
             bad = (got != expected).nonzero().flatten()[:5].tolist()
             assert not bad, (cap, [(y[i].item(), got[i].item(), expected[i].item()) for i in bad])
     finally:
