@@ -39,16 +39,15 @@ inline int block_shift_of(int64_t format) { return static_cast<int>((format >> k
 
 // State k of elements [s, s + n) as float32: a bfloat16 widened exactly, an 8-bit code times its block's absmax
 // (exp_avg / momentum: signed map; exp_avg_sq: unsigned).
-inline void widen_state(const FormatSlot& t, int k, int64_t s, int64_t n, float* out) {
+inline void widen_state(const FormatSlot& t, int k, const CodePlanes* map, int64_t s, int64_t n, float* out) {
   if (state_format_of(t.format) == kFormatBFloat16) {
     const auto* h = static_cast<const c10::BFloat16*>(t.narrow[k]) + s;
     for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits_to_float(h[j].x);
     return;
   }
   const uint8_t* codes = static_cast<const uint8_t*>(t.narrow[k]) + s;
-  const float* map = t.qmap + (k == 0 ? kQmapSignedCodes : kQmapUnsignedCodes) * kQmapEntries;
   const int64_t block = block_size_of(t.format);
-  dequantize_blocks(map, codes, n, t.absmax[k] + (s >> block_shift_of(t.format)), block, out);
+  dequantize_blocks(*map, codes, n, t.absmax[k] + (s >> block_shift_of(t.format)), block, out);
 }
 
 // absmax_step over in[0, n) from 0: the largest |value|, or a NaN of the block. Taken as the largest of the bits
@@ -122,10 +121,12 @@ void staged_range(const TensorSlot& t, const Coeffs& c, const GradPrescale<float
   int16_t* remainder = std::is_same_v<scalar_t, c10::BFloat16> ? f.remainder : nullptr;
   Stage stage;
   const QuantTable* tables[3] = {};  // of the 8-bit states (0: signed map, 1: unsigned); unused otherwise
+  CodePlanes maps[3];
   if (state_format_of(f.format) == kFormatBlockwise8bit) {
     for (int k = 0; k < 2; ++k) {
       if (f.narrow[k] == nullptr) continue;
       tables[k] = &quant_table(f.qmap + (k == 0 ? kQmapSignedThresholds : kQmapUnsignedThresholds) * kQmapEntries);
+      if (!t.fresh) maps[k].build(f.qmap + (k == 0 ? kQmapSignedCodes : kQmapUnsignedCodes) * kQmapEntries);
     }
   }
   TensorSlot w = t;
@@ -137,7 +138,7 @@ void staged_range(const TensorSlot& t, const Coeffs& c, const GradPrescale<float
       if (t.fresh) {
         std::fill(stage.state[k], stage.state[k] + n, 0.0f);
       } else {
-        widen_state(f, k, s, n, stage.state[k]);
+        widen_state(f, k, &maps[k], s, n, stage.state[k]);
       }
       *wide[k] = indexed_from(stage.state[k], s);
     }
