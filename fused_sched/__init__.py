@@ -23,7 +23,7 @@ from .hf_schedules import (
     get_scheduler,
     get_wsd_schedule,
 )
-from .optim import SGD, Adam, AdamW
+from .optim import SGD, SGD8bit, Adam, Adam8bit, AdamW, AdamW8bit, to_torch_state_dict
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,10 @@ __all__ = [
     "Adam",
     "AdamW",
     "SGD",
+    "AdamW8bit",
+    "Adam8bit",
+    "SGD8bit",
+    "to_torch_state_dict",
     "get_constant_schedule",
     "get_constant_schedule_with_warmup",
     "get_cosine_schedule_with_warmup",

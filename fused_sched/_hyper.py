@@ -26,6 +26,11 @@ LR_FROM_TABLE = 64
 MOMENTUM_FROM_TABLE = 128
 # bfloat16 moments written rounded to nearest even instead of stochastically (state_rounding="nearest").
 STATE_ROUND_NEAREST = 256
+# Not read by the kernels (each tensor's format is in its address-table row): a change of a group's state format
+# changes its row, which rebuilds the plan, which converts the states.
+BFLOAT16_STATES = 512
+EIGHT_BIT_STATES = 1024
+MASTER_REMAINDER = 2048
 
 
 def scalar(value) -> float:

@@ -42,6 +42,10 @@ from . import _plan, _tensors
 
 def step(opt) -> None:
     """FusedOptimizer.step's body (after the closure) under torch.compile."""
+    if opt._uses_state_formats():
+        # The list ops take float32 states only: low-memory formats run the eager step (one graph break).
+        eager_step(opt)
+        return
     relayout = _prepare(opt, True)
     if relayout is None:
         eager_step(opt)  # rejected: the eager step raises its error
@@ -219,9 +223,11 @@ def _prepare_or_raise(opt, with_state: bool) -> tuple:
         for bucket in plan.buckets:
             fresh.update(param_ids[id(p)] for p, flag in zip(bucket.params, bucket.fresh, strict=True) if flag)
     if with_state:
+        block_size = opt._block_size()
         for group, p in with_grad:
-            master = bool(group.get("master_weights")) and p.dtype != torch.float32
-            if opt._init_state(p, opt._needed_states(group), master) and opt._fresh_first_state:
+            created, _ = opt._init_state(p, group, opt._needed_states(group), opt._moment_format(group, p),
+                                         block_size)
+            if created and opt._fresh_first_state:
                 fresh.add(param_ids[id(p)])
         for device in devices:
             opt._hyper_table(device, rows)
@@ -269,7 +275,7 @@ def _eager_clip(opt, max_norm: float, norm_type: float, error_if_nonfinite: bool
 
 # This module is imported only while Dynamo traces (FusedOptimizer.step imports it then), so torch.compiler.disable
 # (which imports torch._dynamo, seconds) costs `import fused_sched` nothing.
-_REASON = ("fused_sched: the eager step runs what the compiled one does not handle: DTensor parameters (FSDP2), "
+_REASON = ("fused_sched: the eager step runs what the compiled one does not handle: DTensor parameters (FSDP2), low-memory state formats, "
            "updated through their local shards, and a rejected step, whose error it raises")
 eager_step = torch.compiler.disable(_eager_step, reason=_REASON)
 _prepare_eagerly = torch.compiler.disable(_prepare, reason="fused_sched: the host side of a compiled step")

@@ -42,8 +42,13 @@ from torch.optim import Optimizer
 from .. import backends
 from .._extension import load_extension
 from ._clip import ClipMixin, check_max_norm
+from . import state_format as sf
 from ._plan import MASTER_KEY, Bucket, PlanMixin
 from ._step_inputs import StepInputsMixin
+
+
+#: The dtypes a loaded state keeps (state formats); other floating dtypes are loaded as float32.
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8, torch.int16)
 
 
 class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
@@ -168,8 +173,10 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict saved by this class or by its torch.optim counterpart.
 
-        States are kept in float32 on the parameter's device whatever the parameter dtype (torch would cast them
-        to the parameter dtype), and ``step`` becomes a float32 tensor on that device.
+        States go to the parameter's device in their own format (float32, bfloat16, 8-bit codes with their absmax,
+        int16 master remainders; torch would cast them to the parameter dtype; other float dtypes become float32),
+        and the next step converts them to the formats the param groups ask (a torch.optim.AdamW state_dict loaded
+        into AdamW8bit is quantized then); ``step`` becomes a float32 tensor on that device.
         """
         saved_state = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
@@ -194,9 +201,16 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
             for key, value in saved.items():
                 if key == "step":
                     state["step"] = torch.tensor(float(value), dtype=torch.float32, device=p.device)
-                elif (key in self._state_keys or key == MASTER_KEY) and isinstance(value, torch.Tensor):
-                    fresh = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                elif (key in self._state_keys or key in (MASTER_KEY, sf.REMAINDER_KEY)) and isinstance(
+                        value, torch.Tensor):
+                    # Kept in its own format (float32, bfloat16, 8-bit codes, int16 remainders; another float
+                    # dtype, as torch saves the states of low-precision params, becomes float32): the next plan
+                    # converts what the groups ask otherwise (StateFormatMixin).
+                    dtype = value.dtype if value.dtype in _STATE_DTYPES else torch.float32
+                    fresh = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state[key] = fresh.copy_(value)
+                elif key.endswith(sf.ABSMAX_SUFFIX) and isinstance(value, torch.Tensor):
+                    state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
         self._invalidate()
 
     @torch.no_grad()

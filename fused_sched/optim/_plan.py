@@ -8,6 +8,8 @@ import torch
 
 from .. import backends
 from .._extension import load_extension
+from . import state_format as sf
+from ._state_format_plan import MASTER_KEY, StateFormatMixin, absmax_view, master_mode
 from ._tensors import dense_copy, is_dense, is_dtensor, local_shard, walked_strides
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,10 +86,7 @@ class Plan:
         return True
 
 
-#: State key of a parameter's float32 master copy (master_weights).
-MASTER_KEY = "master_param"
-
-class PlanMixin:
+class PlanMixin(StateFormatMixin):
     """FusedOptimizer's plan: the checks of a step's parameters, the missing state created as torch creates it, and
     the buckets handed to the C++ side and the backends."""
 
@@ -156,30 +155,43 @@ class PlanMixin:
                     raise ValueError("a DTensor gradient whose local shard is laid out unlike its parameter's is not "
                                      "supported")
                 p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
+        block_size = self._block_size()
+        formats = {}
+        for index, _, p in with_grad:
+            formats[id(p)] = self._moment_format(self.param_groups[index], p)
+            if master_mode(self.param_groups[index], p) == "remainder" and p.dtype != torch.bfloat16:
+                raise ValueError(f"master_weights='remainder' keeps the low 16 bits of bfloat16 parameters; a "
+                                 f"{p.dtype} parameter needs master_weights=True")
         by_key: dict = {}
         for index, needs, p in with_grad:
-            master = bool(self.param_groups[index].get("master_weights")) and p.dtype != torch.float32
-            created = self._init_state(p, needs, master)
-            by_key.setdefault((p.device, p.dtype), []).append((index, p, created, master))
+            created, mode = self._init_state(p, self.param_groups[index], needs, formats[id(p)], block_size)
+            by_key.setdefault((p.device, p.dtype), []).append((index, p, created, mode))
         buckets = []
         native = load_extension()
         for (device, dtype), members in by_key.items():
             bucket = Bucket(device, dtype, resolved[device], [m[1] for m in members], [m[0] for m in members])
+            placeholder = torch.empty(0, dtype=torch.float32, device=device)  # "no such tensor"
             states = []
             for key in self._state_keys:
                 column = [self.state[p].get(key) for p in bucket.params]
                 if any(t is not None for t in column):
-                    placeholder = torch.empty(0, dtype=torch.float32, device=device)
-                    column = [local_shard(t) if t is not None else placeholder for t in column]
-                    states.append(column)
+                    states.append([local_shard(t) if t is not None else placeholder for t in column])
                 else:
                     states.append([])
             steps = [self.state[p]["step"] for p in bucket.params] if self._has_step else []
+            masters = []
             if any(m[3] for m in members):
-                placeholder = torch.empty(0, dtype=torch.float32, device=device)  # "no master copy"
-                masters = [local_shard(self.state[m[1]][MASTER_KEY]) if m[3] else placeholder for m in members]
-            else:
-                masters = []
+                keys = {"copy": MASTER_KEY, "remainder": sf.REMAINDER_KEY}
+                masters = [local_shard(self.state[m[1]][keys[m[3]]]) if m[3] else placeholder for m in members]
+            column_of = [sf.format_column(formats[id(m[1])], m[3] == "remainder", block_size) for m in members]
+            absmax, qmap = [], None
+            if any(formats[id(p)] == sf.BLOCKWISE_8BIT for p in bucket.params):
+                qmap = sf.qmap(device)
+                for key in self._state_keys[:2]:
+                    column = [self.state[p].get(key + sf.ABSMAX_SUFFIX) for p in bucket.params]
+                    absmax.append([placeholder if a is None else absmax_view(a, p, block_size)
+                                   for a, p in zip(column, bucket.params, strict=True)])
+                absmax += [[]] * (2 - len(absmax))  # SGD: no second state
             ids = bucket.param_ids = [param_ids[id(p)] for p in bucket.params]
             locals_ = [local_shard(p) for p in bucket.params]
             standins = [(i, p) for i, p in enumerate(locals_) if not is_dense(p)]
@@ -193,11 +205,12 @@ class PlanMixin:
                 bucket.sharded = [(p, local) for p, local in zip(bucket.params, locals_, strict=True)
                                   if is_dtensor(p)]
                 bucket.lend_local_grads()
-            bucket.native = native.OptimBucket(locals_, states, steps, bucket.group_index, masters, ids)
+            bucket.native = native.OptimBucket(locals_, states, steps, bucket.group_index, masters, ids,
+                                               column_of if any(column_of) else [], absmax, qmap)
             if bucket.backend == "triton":
                 from ..backends.triton.runner import TritonBucketRunner
 
-                bucket.runner = TritonBucketRunner(device, dtype, self._algorithm)
+                bucket.runner = TritonBucketRunner(device, dtype, self._algorithm, block_size=block_size)
             elif bucket.backend == "cuda":
                 from ..backends.cuda_backend import CudaBucketRunner
 
@@ -226,28 +239,25 @@ class PlanMixin:
         if skipped:
             slots["fresh"] = tuple(sorted(skipped.union(slots["fresh"])))
 
-    def _init_state(self, p: torch.Tensor, needs: tuple[bool, ...], master: bool) -> bool:
-        """Create the missing state of `p` as torch does at its first step; True when the first state tensor
-        (SGD's momentum buffer) was created now."""
+    def _init_state(self, p: torch.Tensor, group: dict, needs: tuple[bool, ...], moment_format: int,
+                    block_size: int) -> tuple[bool, str | None]:
+        """Create the missing state of `p` as torch does at its first step, in the formats the group asks
+        (StateFormatMixin: a state held in another format is converted); returns (whether the first state tensor,
+        SGD's momentum buffer, was created now, the master mode)."""
         state = self.state[p]
         if self._has_step and "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        created = False
-        for k, (key, needed) in enumerate(zip(self._state_keys, needs, strict=True)):
-            if needed and key not in state:
-                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                created = created or k == 0
-        if master and MASTER_KEY not in state:
-            state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p)
-        elif not master:
-            # master_weights turned off: the parameter is the value from now on; a copy kept would be stale if the
-            # option were turned on again.
-            state.pop(MASTER_KEY, None)
+        created = self._format_states(p, group, needs, moment_format, block_size)
+        mode = self._format_master(p, group)
         # The kernels walk a state as the flat array of its parameter, so it must have the parameter's strides.
         # A parameter re-laid out since its state was made (p.data = a transposed tensor) gets its states copied
-        # into its new layout, element by element as torch indexes them.
-        for key in (*self._state_keys, MASTER_KEY):
+        # into its new layout, element by element as torch indexes them. (8-bit codes are re-quantized instead: their
+        # blocks follow the flat layout.)
+        for key in (*self._state_keys, MASTER_KEY, sf.REMAINDER_KEY):
             value = state.get(key)
             if isinstance(value, torch.Tensor) and local_shard(value).stride() != walked_strides(local_shard(p)):
-                state[key] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(value)
-        return created
+                if value.dtype == torch.uint8:
+                    raise ValueError(f"state {key!r} of 8-bit codes is laid out unlike its parameter (the parameter "
+                                     "was re-laid out after its state was made); 8-bit states cannot follow it")
+                state[key] = torch.empty_like(p, dtype=value.dtype, memory_format=torch.preserve_format).copy_(value)
+        return created, mode

@@ -138,8 +138,9 @@ class StepInputsMixin:
         return rows
 
     def _plan_key(self, group: dict) -> tuple:
-        return (self._needed_states(group), bool(group.get("master_weights")),
-                bool(group.get("stochastic_rounding")))
+        return (self._needed_states(group), group.get("master_weights", False),
+                bool(group.get("stochastic_rounding")), group.get("state_dtype"), group.get("optim_bits"),
+                group.get("min_8bit_size"), group.get("block_size"))
 
     def _hyper_table(self, device: torch.device, rows: list) -> torch.Tensor:
         table = self._hyper.get(device)

@@ -8,6 +8,7 @@ import torch
 from .. import _hyper
 from ._fused_optimizer import FusedOptimizer
 from ._plan import Bucket
+from ._state_format_plan import state_flags, validate_state_options
 from ._tensors import traced_tensor
 
 _ALGORITHM = r"""
@@ -43,9 +44,18 @@ _ARGS = """
             always runs fused and its steps never synchronize, so they change nothing. They are kept in the param
             groups so a state_dict loads into torch.optim with the same settings.
         differentiable (bool): must be False; fused_sched does not differentiate through the step.
-        master_weights (bool): keep a float32 copy of every bfloat16 / float16 parameter in its state
-            (``master_param``); the update runs on the copy and writes the parameter rounded to nearest even in
-            the same pass (default: False).
+        master_weights (bool or "remainder"): True: keep a float32 copy of every bfloat16 / float16 parameter in
+            its state (``master_param``); the update runs on the copy and writes the parameter rounded to nearest
+            even in the same pass. "remainder" (bfloat16 parameters): keep only the 16 low bits of that float32
+            master (int16 ``master_remainder``, 2 bytes per parameter instead of 4): the parameter holds the high
+            half rounded half up, and parameter + remainder is the float32 master exactly, so the update is bit
+            for bit that of True; the parameter differs from True's only at exact ties (low half 0x8000), where it
+            is the neighbour away from zero instead of the even one (default: False).
+        state_dtype (torch.dtype): dtype of ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq``: torch.float32, or
+            torch.bfloat16 (half the memory; the arithmetic stays float32) (default: torch.float32).
+        state_rounding (str): how bfloat16 states are written: "stochastic" (unbiased, bits from (rounding_seed,
+            step, parameter index, state, element index), so small updates are not lost to rounding) or
+            "nearest" (round to nearest even) (default: "stochastic").
         stochastic_rounding (bool): write bfloat16 parameters (without master_weights) with stochastic rounding,
             unbiased; the random bits depend only on (rounding_seed, step, parameter index, element index)
             (default: False).
@@ -56,10 +66,10 @@ _ARGS = """
 """
 
 
-def _validate_precision_options(group: dict) -> None:
-    for key in ("master_weights", "stochastic_rounding"):
-        if not isinstance(group.get(key, False), bool):
-            raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+def _validate_precision_options(group: dict, name: str = "Adam") -> None:
+    if not isinstance(group.get("stochastic_rounding", False), bool):
+        raise ValueError(f"stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}")
+    validate_state_options(group, name)
     if group.get("master_weights") and group.get("stochastic_rounding"):
         raise ValueError("master_weights and stochastic_rounding exclude each other: with a float32 master copy the "
                          "parameter is rounded to nearest from it")
@@ -74,6 +84,7 @@ def adam_row(group: dict) -> tuple:
         | (_hyper.DECOUPLED_WEIGHT_DECAY if group["decoupled_weight_decay"] else 0)
         | (_hyper.STOCHASTIC_ROUNDING if group.get("stochastic_rounding") else 0)
         | (_hyper.MASTER_WEIGHTS if group.get("master_weights") else 0)
+        | state_flags(group)
     )
     return (
         _hyper.lr_scalar(group["lr"]), _hyper.scalar(beta1), _hyper.scalar(beta2), float(group["eps"]),
@@ -109,10 +120,12 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
-        master_weights: bool = False,
+        master_weights: bool | str = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         rounding_seed: int = 0,
+        state_dtype: torch.dtype = torch.float32,
+        state_rounding: str = "stochastic",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -128,8 +141,15 @@ class Adam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
+            "state_dtype": state_dtype,
+            "state_rounding": state_rounding,
+            **self._format_defaults(),
         }
         super().__init__(params, defaults, backend, max_grad_norm, rounding_seed)
+
+    def _format_defaults(self) -> dict:
+        """The 8-bit subclasses' own defaults (adam8bit.py)."""
+        return {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -143,6 +163,9 @@ class Adam(FusedOptimizer):
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", False))
+            for key in ("state_dtype", "state_rounding", "optim_bits", "block_size", "min_8bit_size"):
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
 
     def _validate_group(self, group: dict, at_step: bool = False) -> None:
         """torch.optim.Adam's checks, in its order and with its messages. at_step: the re-check of a step after a
@@ -183,7 +206,7 @@ class Adam(FusedOptimizer):
                     raise ValueError(f"Tensor betas[{i}] must be 1-element")
         if group.get("differentiable"):
             raise ValueError("fused_sched does not support differentiable=True")
-        _validate_precision_options(group)
+        _validate_precision_options(group, type(self).__name__)
 
     def _row(self, group: dict) -> tuple:
         return adam_row(group)
@@ -233,16 +256,19 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
-        master_weights: bool = False,
+        master_weights: bool | str = False,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         rounding_seed: int = 0,
+        state_dtype: torch.dtype = torch.float32,
+        state_rounding: str = "stochastic",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             backend=backend, master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-            max_grad_norm=max_grad_norm, rounding_seed=rounding_seed,
+            max_grad_norm=max_grad_norm, rounding_seed=rounding_seed, state_dtype=state_dtype,
+            state_rounding=state_rounding,
         )
 
     def __setstate__(self, state):

@@ -7,6 +7,7 @@ import torch
 from .. import _hyper
 from ._fused_optimizer import FusedOptimizer
 from ._plan import Bucket
+from ._state_format_plan import state_flags, validate_state_options
 from ._tensors import traced_tensor
 
 
@@ -16,6 +17,7 @@ def sgd_row(group: dict) -> tuple:
         (_hyper.MAXIMIZE if group["maximize"] else 0)
         | (_hyper.NESTEROV if group["nesterov"] else 0)
         | (_hyper.MASTER_WEIGHTS if group.get("master_weights") else 0)
+        | state_flags(group)
     )
     return (
         _hyper.lr_scalar(group["lr"]), 0.0, 0.0, 0.0, _hyper.scalar(group["weight_decay"]), float(group["momentum"]),
@@ -51,9 +53,10 @@ class SGD(FusedOptimizer):
         backend (str): "auto", "cpu", "triton" or "cuda".
         foreach, fused: accepted for compatibility with torch.optim code; they change nothing.
         differentiable (bool): must be False.
-        master_weights (bool): keep a float32 copy of every bfloat16 / float16 parameter in its state
-            (``master_param``), updated in place of the parameter, which is written rounded to nearest even in
-            the same pass (default: False).
+        master_weights (bool or "remainder"): True: keep a float32 copy of every bfloat16 / float16 parameter in
+            its state (``master_param``), updated in place of the parameter, which is written rounded to nearest
+            even in the same pass. "remainder" (bfloat16 parameters): keep only the 16 low bits of that master
+            (``master_remainder``, int16), as Adam's master_weights="remainder" (default: False).
         max_grad_norm (float, optional): clip the global gradient 2-norm inside every ``step()`` (default: None).
     """
 
@@ -76,7 +79,7 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
-        master_weights: bool = False,
+        master_weights: bool | str = False,
         max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
@@ -90,8 +93,13 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "master_weights": master_weights,
+            **self._format_defaults(),
         }
         super().__init__(params, defaults, backend, max_grad_norm)
+
+    def _format_defaults(self) -> dict:
+        """The 8-bit subclass's own defaults (sgd8bit.py)."""
+        return {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -102,6 +110,9 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
+            for key in ("optim_bits", "block_size", "min_8bit_size"):
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
 
     def _validate_group(self, group: dict, at_step: bool = False) -> None:
         """torch.optim.SGD's checks, in its order and with its messages. at_step: the re-check of a step after a
@@ -120,8 +131,10 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if group.get("differentiable"):
             raise ValueError("fused_sched does not support differentiable=True")
-        if not isinstance(group.get("master_weights", False), bool):
-            raise ValueError(f"master_weights must be a bool, got {group['master_weights']!r}")
+        validate_state_options(group, type(self).__name__)
+        if group.get("state_dtype", torch.float32) != torch.float32:
+            raise ValueError("SGD keeps its momentum in float32 or, with SGD8bit, in 8 bits: a bfloat16 momentum "
+                             "would need stochastic rounding, which needs a step count that SGD does not keep")
         if group.get("stochastic_rounding"):
             raise ValueError("SGD does not round stochastically (it keeps no step count to draw the rounding bits "
                              "from); use master_weights=True")

@@ -204,3 +204,39 @@ def bf16_stochastic(x: torch.Tensor, key: int) -> torch.Tensor:
     nan = (bits & 0x7FFFFFFF) > 0x7F800000
     rounded = torch.where(nan, (bits >> 16) | 0x40, rounded)
     return _u16_to_bf16(rounded).reshape(x.shape)
+
+
+# -- state_dict conversion --
+
+_SIGNED_KEYS = {"exp_avg": True, "momentum_buffer": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+
+
+def to_torch_state_dict(state_dict: dict) -> dict:
+    """A state_dict of any fused_sched optimizer, in any state format, as its torch.optim counterpart
+    (torch.optim.AdamW, Adam, SGD) loads it: 8-bit moments dequantized and bfloat16 moments widened to float32
+    tensors, the absmax entries dropped, and the master weights, which torch.optim does not keep, dropped (a
+    master_remainder is folded into nothing: load the parameters from a model state_dict saved alongside, which
+    holds the bfloat16 values; master_weights=True's float32 ``master_param`` is dropped as well). The param groups
+    keep their values (torch.optim ignores fused_sched's own options). Needs the block size of 8-bit states: each
+    group's ``block_size``. Works on plain tensors (a DCP or FSDP2 state_dict must be gathered first: absmax is
+    kept per local shard)."""
+    groups = state_dict["param_groups"]
+    block_of = {}
+    for group in groups:
+        for pid in group["params"]:
+            block_of[pid] = group.get("block_size", 256)
+    state = {}
+    for pid, entries in state_dict["state"].items():
+        out = {}
+        for key, value in entries.items():
+            if key.endswith(ABSMAX_SUFFIX) or key in (REMAINDER_KEY, "master_param"):
+                continue
+            if isinstance(value, torch.Tensor) and key in _SIGNED_KEYS:
+                if value.dtype == torch.uint8:
+                    absmax = entries[key + ABSMAX_SUFFIX]
+                    value = dequantize_blockwise(value, absmax, _SIGNED_KEYS[key], block_of.get(pid, 256))
+                else:
+                    value = value.float()
+            out[key] = value
+        state[pid] = out
+    return {"state": state, "param_groups": [dict(g) for g in groups]}
