@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .impls import Impl, state_bytes_per_param
+from .impls import Impl, planned_state_bytes
 from .measure import element_size
 from .shapes import LLAMA_7B_LAYERS, gpt2_124m, llama_1b, llama_7b, many_small, tiny
 
@@ -65,7 +65,7 @@ def needs(impls: list[Impl], numel: int, dtype: torch.dtype) -> tuple[int, int]:
     (foreach's square root of exp_avg_sq is one)."""
     es = element_size(dtype)
     base = 2 * numel * es + 2 * copy_buffer_bytes(numel * (3 * es + 16))
-    states = [numel * state_bytes_per_param(i, dtype) for i in impls] or [0]
+    states = [numel * planned_state_bytes(i, dtype) for i in impls] or [0]
     temps = [0 if i.kind == "fused_sched" or "fused" in i.name else numel * es for i in impls] or [0]
     return base + sum(states) + max(temps), base + max(s + t for s, t in zip(states, temps, strict=True))
 

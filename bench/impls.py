@@ -113,17 +113,50 @@ def _apex(params):
     return Built(opt, sched, _phase(opt, sched))
 
 
-def _fused_sched(backend):
+def _fused_sched(backend, cls: str = "AdamW", **kwargs):
     def build(params):
-        opt = fused_sched.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, backend=backend)
+        opt = getattr(fused_sched, cls)(params, lr=LR, weight_decay=WEIGHT_DECAY, backend=backend, **kwargs)
         sched = fused_sched.get_cosine_schedule_with_warmup(opt, WARMUP_STEPS, TRAINING_STEPS)
         return Built(opt, sched, _phase(opt, sched))
 
     return build
 
 
+#: fused_sched's low-memory state formats (issue 19), a row each per backend: (row suffix, class, options, param
+#: dtypes it applies to).
+STATE_FORMATS = (
+    ("AdamW8bit", "AdamW8bit", {}, None),
+    ("bf16 states", "AdamW", {"state_dtype": torch.bfloat16}, None),
+    ("AdamW8bit + remainder masters", "AdamW8bit", {"master_weights": "remainder"}, torch.bfloat16),
+)
+
+
+def _peer_8bit(module: str, name: str):
+    def build(params):
+        package = importlib.import_module(module)
+        opt = getattr(package, name)(params, lr=LR, weight_decay=WEIGHT_DECAY)
+        sched = hf_cosine(opt)
+        return Built(opt, sched, _phase(opt, sched))
+
+    return build
+
+
+def _peers_8bit(device: torch.device, hf: str) -> tuple[list[Impl], list[dict]]:
+    """bitsandbytes' and torchao's AdamW8bit where they import (their own checks decide whether they run on this
+    device: a failure in construction or in the first steps skips the row with its reason)."""
+    impls, skipped = [], []
+    for label, package, module in (("bitsandbytes AdamW8bit", "bitsandbytes", "bitsandbytes.optim"),
+                                   ("torchao AdamW8bit", "torchao", "torchao.optim")):
+        if importlib.util.find_spec(package) is None:
+            skipped.append({"impl": label, "reason": f"{package} is not installed"})
+            continue
+        impls.append(Impl(label, "8bit-peer", _peer_8bit(module, "AdamW8bit"), f"{hf}, float lr"))
+    return impls, skipped
+
+
 def candidates(device: torch.device, tensors: int, *, compile_: bool, compile_limit: float,
-               compile_max_tensors: int, compile_note: str = "") -> tuple[list[Impl], list[dict]]:
+               compile_max_tensors: int, compile_note: str = "",
+               param_dtype: torch.dtype = torch.float32) -> tuple[list[Impl], list[dict]]:
     """The implementations to run on `device` for a case of `tensors` tensors, and the skipped ones with why."""
     hf = f"{scheduler_source()} get_cosine_schedule_with_warmup"
     impls = [
@@ -173,11 +206,23 @@ def candidates(device: torch.device, tensors: int, *, compile_: bool, compile_li
             impls.append(Impl("fused_sched cuda", "fused_sched", _fused_sched("cuda"), fs_sched))
         else:
             skipped.append({"impl": "fused_sched cuda", "reason": "fused_sched was built without its CUDA kernels"})
-    return impls, skipped
+    backends_here = [i.name.split()[-1] for i in impls if i.kind == "fused_sched"]
+    for suffix, cls, options, dtype in STATE_FORMATS:
+        if dtype is not None and dtype != param_dtype:
+            continue
+        for backend in backends_here:
+            impls.append(Impl(f"fused_sched {backend} {suffix}", "fused_sched",
+                              _fused_sched(backend, cls, **options), fs_sched))
+    peers, peer_skips = _peers_8bit(device, hf)
+    return impls + peers, skipped + peer_skips
 
 
-def state_bytes_per_param(impl: Impl, param_dtype: torch.dtype) -> int:
-    """Resident state of one parameter element (exp_avg + exp_avg_sq): float32 for fused_sched, the parameter
-    dtype for torch and apex."""
+def planned_state_bytes(impl: Impl, param_dtype: torch.dtype) -> int:
+    """An upper bound of the resident state of one parameter element, to plan which implementations fit in memory
+    together (the rows report the measured value, measure.state_bytes_per_param): exp_avg + exp_avg_sq in float32
+    for fused_sched (its low-memory formats take less) plus a float32 master for the remainder rows' bound, the
+    parameter dtype for torch and apex, 2 bytes for the 8-bit peers."""
+    if impl.kind == "8bit-peer":
+        return 3
     es = 4 if impl.kind == "fused_sched" else torch.empty((), dtype=param_dtype).element_size()
     return 2 * es

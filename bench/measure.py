@@ -78,6 +78,40 @@ def step_bytes(params, opt) -> tuple[int, str]:
     return total, "/".join(sorted(state_dtypes)) or "-"
 
 
+def _storages(value, seen: dict) -> None:
+    """The storages under a state value: a tensor's own, or the inner tensors of a tensor subclass (torchao keeps
+    8-bit states as subclasses holding codes and scales), keyed by address so that views count once."""
+    if isinstance(value, torch.Tensor):
+        if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor and not hasattr(value, "to_local"):
+            names, _ = value.__tensor_flatten__()
+            for name in names:
+                _storages(getattr(value, name), seen)
+            return
+        local = value.to_local() if hasattr(value, "to_local") else value
+        storage = local.untyped_storage()
+        seen[(storage.data_ptr(), local.device)] = storage.nbytes()
+    elif isinstance(value, dict):
+        for v in value.values():
+            _storages(v, seen)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _storages(v, seen)
+
+
+def state_bytes_per_param(params, opt) -> float | None:
+    """The optimizer-state bytes per parameter element, measured: every storage the optimizer's state holds for
+    these parameters (moments, 8-bit codes and their scales, master copies or remainders, step counters), over the
+    parameters' element count."""
+    state = getattr(opt, "state", None)
+    numel = sum(p.numel() for p in params)
+    if state is None or numel == 0:
+        return None
+    seen: dict = {}
+    for p in params:
+        _storages(state.get(p, {}), seen)
+    return sum(seen.values()) / numel
+
+
 # -- time limit for torch.compile -------------------------------------------------------------------------------
 class TimeLimitExceeded(BaseException):
     """Raised by ``time_limit`` (a BaseException so that torch's ``except Exception`` handlers let it through)."""

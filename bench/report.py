@@ -9,7 +9,8 @@ import textwrap
 
 #: metric keys every row of the JSON record carries (None where a metric does not apply or was not measured)
 ROW_KEYS = (
-    "case", "case_label", "impl", "kind", "scheduler", "tensors", "numel", "param_dtype", "state_dtype", "mode",
+    "case", "case_label", "impl", "kind", "scheduler", "tensors", "numel", "param_dtype", "state_dtype",
+    "state_bytes_per_param", "mode",
     "steps", "median_ms", "p20_ms", "p80_ms", "bytes_per_step", "GBps", "copy_GBps", "fraction_of_copy",
     "speedup_vs_torch_fused", "speedup_vs_best_torch", "host_cpu_us", "host_cpu_clock", "process_cpu_us_mean",
     "launches_per_step",
@@ -30,7 +31,7 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("case", "impl", "median ms", "p20 ms", "p80 ms", "GB/s", "of copy", "vs torch fused",
-              "vs best torch", "host CPU us/step", "launches/step", "ops/step", "syncs/step", "peak extra MiB")
+              "vs best torch", "host CPU us/step", "launches/step", "ops/step", "syncs/step", "peak extra MiB", "state B/param")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -39,6 +40,7 @@ def markdown_table(rows: list[dict]) -> str:
             _fmt(r["speedup_vs_torch_fused"], ".2f", "x"), _fmt(r["speedup_vs_best_torch"], ".2f", "x"),
             _fmt(r["host_cpu_us"], ".0f"), _fmt(r["launches_per_step"], ".1f"), _fmt(r["ops_per_step"], ".1f"),
             _fmt(r["syncs_per_step"], ".1f"), _fmt(r["peak_extra_MiB"], ".1f"),
+            _fmt(r.get("state_bytes_per_param"), ".2f"),
         ]) + " |")
     return "\n".join(lines)
 
@@ -103,6 +105,34 @@ def targets(rows: list[dict], device_type: str) -> list[dict]:
     else:
         check(">= 1.0x torch fused on GPT-2 shapes", "gpt2-124m", lambda v: v >= 1.0, "speedup_vs_torch_fused",
               ">= 1.0", ".2f")
+    found += _state_format_targets(rows, device_type)
+    return found
+
+
+def _state_format_targets(rows: list[dict], device_type: str) -> list[dict]:
+    """Issue 19's targets of the low-memory state formats (measured state bytes, speed)."""
+    found = []
+
+    def add(name, r, value, goal, met, fmt=".2f"):
+        found.append({"target": name, "case": r["case_label"], "impl": r["impl"], "value": format(value, fmt),
+                      "goal": goal, "met": bool(met)})
+
+    plain = {(r["case"], r["impl"]): r for r in rows if r["kind"] == "fused_sched"}
+    for r in rows:
+        if r["kind"] != "fused_sched" or r.get("state_bytes_per_param") is None:
+            continue
+        bytes_ = r["state_bytes_per_param"]
+        if r["impl"].endswith("AdamW8bit"):
+            add("8-bit states <= 2.1 bytes/param", r, bytes_, "<= 2.1", bytes_ <= 2.1)
+            base = plain.get((r["case"], r["impl"].removesuffix(" AdamW8bit")))
+            if device_type == "cuda" and base is not None:
+                ratio = base["median_ms"] / r["median_ms"]
+                add("8-bit step >= 1.5x the float32-state step", r, ratio, ">= 1.5", ratio >= 1.5)
+            if device_type != "cuda" and r["case"] == "gpt2-124m" and r.get("speedup_vs_torch_fused") is not None:
+                add("8-bit not slower than torch fused on GPT-2", r, r["speedup_vs_torch_fused"], ">= 1.0",
+                    r["speedup_vs_torch_fused"] >= 1.0)
+        elif r["impl"].endswith("remainder masters"):
+            add("AdamW8bit + remainder masters <= 4.2 bytes/param", r, bytes_, "<= 4.2", bytes_ <= 4.2)
     return found
 
 
@@ -196,5 +226,11 @@ def render(header: str, record: dict, device_type: str) -> str:
                   targets_table(record["targets"])]
     if record["e2e"]:
         parts.append(format_e2e(record["e2e"]))
+    convergence = record.get("convergence")
+    if convergence:
+        from .convergence import format_convergence
+
+        parts.append(format_convergence(convergence) if "runs" in convergence
+                     else f"State-format convergence: {convergence['error']}")
     parts.append(f"\nsuite time {record['elapsed_s']:.0f} s")
     return "\n".join(parts)

@@ -75,6 +75,7 @@ class Entry:
     process_cpu: list = field(default_factory=list)
     bytes_per_step: int = 0
     state_dtype: str = "-"
+    state_bytes: float | None = None  # measured optimizer-state bytes per parameter element
     extras: dict = field(default_factory=dict)
     warmup_spent: float = 0.0
 
@@ -125,6 +126,7 @@ def rounds(entries: list[Entry], device: torch.device, args, skipped: list, case
             for e in entries:
                 if e.built is not None:
                     e.bytes_per_step, e.state_dtype = measure.step_bytes(e.built.params, e.built.opt)
+                    e.state_bytes = measure.state_bytes_per_param(e.built.params, e.built.opt)
     on_cpu = device.type == "cpu"
     steps = args.steps or max(args.min_steps, min(args.max_steps, int(budget_s / max(last_round, 1e-6))))
     progress.add(steps * len(entries))
@@ -273,7 +275,7 @@ def _row(e: Entry, case: Case, mode: str, device: torch.device) -> dict:
     row.update({
         "case": case.name, "case_label": case.label, "impl": e.name, "kind": e.kind, "scheduler": e.scheduler,
         "tensors": len(case.shapes), "numel": case.numel, "param_dtype": str(case.dtype).replace("torch.", ""),
-        "state_dtype": e.state_dtype, "mode": mode, "steps": len(e.times),
+        "state_dtype": e.state_dtype, "state_bytes_per_param": e.state_bytes, "mode": mode, "steps": len(e.times),
         "median_ms": s["median"] * 1e3, "p20_ms": s["p20"] * 1e3, "p80_ms": s["p80"] * 1e3,
         "bytes_per_step": e.bytes_per_step, "GBps": e.bytes_per_step / s["median"] / 1e9 if e.bytes_per_step else None,
         "host_cpu_us": measure.summarize(e.cpu)["median"] * 1e6, "host_cpu_clock": measure.cpu_clock_name(device),

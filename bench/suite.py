@@ -52,7 +52,8 @@ def run_case(name: str, device: torch.device, args, progress: Progress, notes: l
         use_compile, compile_note = False, "not attempted on the 7B shard (a compile per case costs minutes of the " \
                                            "GPU check's budget; gpt2-124m and llama-1b measure it)"
     impls, skips = candidates(device, len(case.shapes), compile_=use_compile, compile_limit=args.compile_timeout,
-                              compile_max_tensors=args.compile_max_tensors, compile_note=compile_note)
+                              compile_max_tensors=args.compile_max_tensors, compile_note=compile_note,
+                                param_dtype=case.dtype)
     skipped += [{"case": name, **s} for s in skips]
     if args.impl:
         chosen = [i for i in impls if any(sel.lower() in i.name.lower() for sel in args.impl)]
@@ -147,7 +148,7 @@ def main(argv=None) -> dict:
     base = os.path.join(args.out, f"suite-{device.type}-{stamp}")
     record = {"benchmark": "suite", **env, "argv": sys.argv[1:] if argv is None else list(argv),
               "settings": {k: v for k, v in vars(args).items() if k not in ("explicit_7b", "compile_timeout")},
-              "cases": cases, "case_info": [], "notes": [], "rows": [], "skipped": [], "targets": [], "e2e": None,
+              "cases": cases, "case_info": [], "notes": [], "rows": [], "skipped": [], "targets": [], "e2e": None, "convergence": None,
               "interrupted": False}
     header = (f"# fused_sched benchmark suite on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
               f"CUDA {env['cuda']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']}")
@@ -185,6 +186,15 @@ def main(argv=None) -> dict:
                 record["e2e"] = run_e2e(device, args.e2e_steps, progress=progress)
             except Exception as exc:  # noqa: BLE001
                 record["e2e"] = {"error": failure_reason(exc)}
+            if left() >= 30:
+                from .convergence import RUNS, run_convergence
+
+                progress.describe("state-format convergence")
+                progress.add(len(RUNS) + 2)
+                try:
+                    record["convergence"] = run_convergence(device, args.e2e_steps, progress=progress)
+                except Exception as exc:  # noqa: BLE001
+                    record["convergence"] = {"error": failure_reason(exc)}
     except KeyboardInterrupt:
         record["interrupted"] = True
         record["notes"].append("interrupted: the record holds the cases completed before the interrupt")
