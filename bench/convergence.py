@@ -3,8 +3,8 @@ with bitsandbytes' / torchao's AdamW8bit where they run here, against float32 Ad
 steps) relative to float32's, the largest gap at any logged step, and the median time of a training step.
 
 bfloat16 moments rounded to nearest run for contrast: the known failure of bfloat16 states (updates smaller than
-half a bfloat16 spacing are lost), which stochastic rounding (the default) avoids. tests/test_state_format_convergence.py
-asserts the 1% target on the CPU with the same runs.
+half a bfloat16 spacing are lost), which stochastic rounding (the default) avoids.
+tests/test_state_format_convergence.py asserts the 1% target on the CPU with the same runs.
 """
 
 from __future__ import annotations

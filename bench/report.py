@@ -31,7 +31,8 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("case", "impl", "median ms", "p20 ms", "p80 ms", "GB/s", "of copy", "vs torch fused",
-              "vs best torch", "host CPU us/step", "launches/step", "ops/step", "syncs/step", "peak extra MiB", "state B/param")
+              "vs best torch", "host CPU us/step", "launches/step", "ops/step", "syncs/step", "peak extra MiB",
+              "state B/param")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([

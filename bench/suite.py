@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
     base = os.path.join(args.out, f"suite-{device.type}-{stamp}")
     record = {"benchmark": "suite", **env, "argv": sys.argv[1:] if argv is None else list(argv),
               "settings": {k: v for k, v in vars(args).items() if k not in ("explicit_7b", "compile_timeout")},
-              "cases": cases, "case_info": [], "notes": [], "rows": [], "skipped": [], "targets": [], "e2e": None, "convergence": None,
+              "cases": cases, "case_info": [], "notes": [], "rows": [], "skipped": [], "targets": [], "e2e": None,
+              "convergence": None,
               "interrupted": False}
     header = (f"# fused_sched benchmark suite on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
               f"CUDA {env['cuda']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']}")

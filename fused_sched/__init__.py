@@ -23,7 +23,7 @@ from .hf_schedules import (
     get_scheduler,
     get_wsd_schedule,
 )
-from .optim import SGD, SGD8bit, Adam, Adam8bit, AdamW, AdamW8bit, to_torch_state_dict
+from .optim import SGD, Adam, Adam8bit, AdamW, AdamW8bit, SGD8bit, to_torch_state_dict
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ import torch
 import fused_sched
 from fused_sched.optim import state_format as sf
 from large_model_cases import BACKENDS
-from state_format_reference import code_step, dequantize64, dynamic_map64, near_tie, quantize64, adam_step64
+from state_format_reference import adam_step64, code_step, dequantize64, dynamic_map64, near_tie, quantize64
 
 HP = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05}
 

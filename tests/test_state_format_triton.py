@@ -6,9 +6,9 @@ both optimizers, block sizes 64 and 256, odd sizes, buckets mixing every format,
 from __future__ import annotations
 
 import pytest
-import state_format_cases as cases
 import torch
 
+import state_format_cases as cases
 from fused_sched.backends.triton.launch import _INTERPRETER_CHUNK
 from fused_sched.backends.triton.runner import TritonBucketRunner
 from fused_sched.optim import state_format as sf

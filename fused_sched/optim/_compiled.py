@@ -275,8 +275,8 @@ def _eager_clip(opt, max_norm: float, norm_type: float, error_if_nonfinite: bool
 
 # This module is imported only while Dynamo traces (FusedOptimizer.step imports it then), so torch.compiler.disable
 # (which imports torch._dynamo, seconds) costs `import fused_sched` nothing.
-_REASON = ("fused_sched: the eager step runs what the compiled one does not handle: DTensor parameters (FSDP2), low-memory state formats, "
-           "updated through their local shards, and a rejected step, whose error it raises")
+_REASON = ("fused_sched: the eager step runs what the compiled one does not handle: DTensor parameters (FSDP2), "
+           "updated through their local shards, low-memory state formats, and a rejected step, whose error it raises")
 eager_step = torch.compiler.disable(_eager_step, reason=_REASON)
 _prepare_eagerly = torch.compiler.disable(_prepare, reason="fused_sched: the host side of a compiled step")
 eager_clip = torch.compiler.disable(_eager_clip, reason=_REASON)

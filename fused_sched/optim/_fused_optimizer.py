@@ -41,11 +41,10 @@ from torch.optim import Optimizer
 
 from .. import backends
 from .._extension import load_extension
-from ._clip import ClipMixin, check_max_norm
 from . import state_format as sf
+from ._clip import ClipMixin, check_max_norm
 from ._plan import MASTER_KEY, Bucket, PlanMixin
 from ._step_inputs import StepInputsMixin
-
 
 #: The dtypes a loaded state keeps (state formats); other floating dtypes are loaded as float32.
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8, torch.int16)

@@ -163,8 +163,8 @@ class StateFormatMixin:
         mode = master_mode(group, p)
         if mode == "remainder":
             if p.dtype != torch.bfloat16:
-                raise ValueError(f"master_weights='remainder' keeps the low 16 bits of bfloat16 parameters; a {p.dtype} "
-                                 "parameter needs master_weights=True")
+                raise ValueError("master_weights='remainder' keeps the low 16 bits of bfloat16 parameters; a "
+                                 f"{p.dtype} parameter needs master_weights=True")
             if sf.REMAINDER_KEY not in state:
                 remainder = _local_like(p, torch.int16)
                 master = state.pop(MASTER_KEY, None)

@@ -60,7 +60,7 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qmap_cpu() -> torch.Tensor:
     rows = []
     for signed in (True, False):
