@@ -102,7 +102,7 @@ def _case_id(values):
     names = {F32: "f32moments", BF16: "bf16moments", Q8: "8bit"}
     dtype, fmt, block, remainder, *flags = values
     out = [dtype, names[fmt] + (f"-{block}" if fmt == Q8 else "")]
-    out += [name for name, on in zip(["remainder", "nearest", "sr-param"], [remainder, *flags], strict=True) if on]
+    out += [name for name, on in zip(["remainder", "nearest", "sr-param"], [remainder, *flags], strict=False) if on]
     return "-".join(out)
 
 
