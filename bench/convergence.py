@@ -55,11 +55,12 @@ RUNS = [
 ]
 
 
-def train(make, dtype: torch.dtype, steps: int, device: torch.device) -> tuple[list[float], float]:
-    """(losses, median seconds per training step) of one run from the same initial weights and batches."""
+def train(make, dtype: torch.dtype, steps: int, device: torch.device, **model_kwargs) -> tuple[list[float], float]:
+    """(losses, median seconds per training step) of one run from the same initial weights and batches;
+    model_kwargs: TinyGPT's sizes (the tests train a narrower one)."""
     data = synthetic_batches(steps).to(device)
     torch.manual_seed(0)
-    model = TinyGPT().to(device=device, dtype=dtype)
+    model = TinyGPT(**model_kwargs).to(device=device, dtype=dtype)
     opt, kind = make(model.parameters())
     warmup = steps // 10
     sched = hf_cosine(opt, warmup, steps) if kind == "hf" else fused_sched.get_cosine_schedule_with_warmup(

@@ -21,6 +21,9 @@ SM_LIMITS = {90: {"regs": 65536, "smem": 227 * 1024, "warps": 64, "blocks": 32},
              80: {"regs": 65536, "smem": 163 * 1024, "warps": 64, "blocks": 32}}
 
 # -- reading a cubin --------------------------------------------------------------------------------------------
+#: The spec suffix of the step kernels compiled with the state formats' path (HAS_FORMATS=True).
+FORMATTED = "formats"
+
 def _cuobjdump() -> str:
     """The cuobjdump beside triton's ptxas (a CUDA toolkit's when triton ships none)."""
     try:
@@ -128,7 +131,9 @@ def triton_specializations():
                "clip_coef_ptr": "*fp32", "step_advance_ptr": "*fp64", "seed_lo": "i32", "seed_hi": "i32"}
         consts = {"PARAM_DTYPE": dtype, "BLOCK": step_common.DEFAULT_BLOCK, "CHUNK": step_common.DEFAULT_CHUNK,
                   "ROW_BLOCK": step_common._ROW_BLOCK, "HAS_SCHEDULE": schedule, "HAS_SCALE": scale,
-                  "HAS_FOUND_INF": found_inf, "HAS_CLIP": clip}
+                  "HAS_FOUND_INF": found_inf, "HAS_CLIP": clip,
+                  # The 8-bit block size of the state formats (the optimizers' default, 256); without formats.
+                  "QBLOCK": 256, "HAS_FORMATS": False}
         # An absent optional tensor is passed as None, which Triton specializes as a constexpr.
         for flag, names in ((schedule, ("schedule_ptr", "schedule_step_ptr")), (scale, ("grad_scale_ptr",)),
                             (found_inf, ("found_inf_ptr",)), (clip, ("clip_coef_ptr",))):
@@ -137,6 +142,10 @@ def triton_specializations():
                     consts[n] = None
         flags = "".join(c for c, on in zip("SGFC", (schedule, scale, found_inf, clip), strict=True) if on) or "-"
         specs.append((kernel, f"{dname} {flags}", sig, consts, warps, asked))
+        if flags in ("-", "SGFC"):
+            # With the state formats' path (HAS_FORMATS: a bucket with a low-memory row): its fewest and most
+            # inputs only (each formatted variant compiles for a minute on the CI machine).
+            specs.append((kernel, f"{dname} {flags} {FORMATTED}", sig, {**consts, "HAS_FORMATS": True}, warps, asked))
     for (dname, dtype), norm, scale, finalize in itertools.product(dtypes.items(), range(4), (False, True),
                                                                   (False, True)):
         sig = {"table_ptr": "*i64", "chunks_ptr": "*i64", "partials_ptr": "*fp64", "slot_offset": "i32",

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from .kernel_machine_code import ROOT, cuda_rows, triton_rows
+from .kernel_machine_code import FORMATTED, ROOT, cuda_rows, triton_rows
 
 RESULTS = os.path.join(ROOT, "bench", "results", "kernel-resources.md")
 #: The oldest and the newest triton the project supports (README: triton 3.6-3.9).
@@ -93,6 +93,12 @@ STEP_KERNELS = ("adam_kernel", "sgd_kernel")
 #: sm_90 / sm_80 with triton 3.6 and 3.9: 4-8 bytes of spill stores and an 8-byte stack in some Triton step
 #: kernels, each with CALL instructions in its SASS.
 CALL_FRAME_SPILL, CALL_FRAME_STACK = 8, 16
+#: The step kernels compiled with the state formats' path (HAS_FORMATS, launched only for buckets that hold a
+#: low-memory row; float32 buckets launch the kernels without it, which keep the no-spill gate): measured with
+#: triton 3.6 and 3.9 on sm_80 / sm_90, up to 32 bytes of spill stores, 36 of loads and a 24-byte stack in the
+#: bfloat16 Adam variants with a schedule and grad scale. Gated at that ceiling (a regression fails) until a GPU
+#: measures what the spills cost; removing them is open (issue 19's note).
+FORMATTED_SPILL, FORMATTED_STACK = 40, 32
 #: Triton's launcher sizes its persistent grid by the programs that fit (triton/launch.py resident_programs): fewer
 #: than asked is no queueing, but fewer than this is a register blowup worth failing on.
 MIN_TRITON_FIT = 2
@@ -116,6 +122,9 @@ def problems(rows: list[dict]) -> list[str]:
             continue
         step = r["kernel"].split("<")[0] in (*STEP_KERNELS, "adam_tables_kernel", "sgd_tables_kernel")
         spilled = r["spill_st"] or r["spill_ld"] or r["stack"] > r.get("libm_stack", 0)
+        formatted = r["spec"].endswith(FORMATTED)
+        if formatted and max(r["spill_st"], r["spill_ld"]) <= FORMATTED_SPILL and r["stack"] <= FORMATTED_STACK:
+            spilled = False
         if (r["arch"] == 90 or step) and spilled and not _call_frame(r):
             found.append(f"{where}: spills {r['spill_st']}/{r['spill_ld']} bytes, stack {r['stack']} bytes")
         if r["kernel"] in STEP_KERNELS and (r["ld"] < 128 or r["st"] < 128):

@@ -61,7 +61,7 @@ def widen(state: torch.Tensor, absmax: torch.Tensor | None, signed: bool, block_
     """A moment in any format as float32 (the mirror's load)."""
     if state.dtype == torch.uint8:
         return sf.dequantize_blockwise(state, absmax, signed, block_size)
-    return state.float()
+    return state.to(torch.float32, copy=True)  # a copy: the mirror's float32 run must not write the case's states
 
 
 def make_case(dtype, numels, moment_format, *, seed=0, block_size=256, remainder=False, algorithm="adam",

@@ -12,6 +12,7 @@ from bench.measure import TimeLimitExceeded, time_limit
 from bench.shapes import tiny
 
 TORCH_IMPLS = {"torch for-loop", "torch foreach", "torch fused", "torch fused, tensor lr"}
+FUSED_SCHED_IMPLS = {"fused_sched cpu", "fused_sched cpu AdamW8bit", "fused_sched cpu bf16 states"}
 
 
 def _run(tmp_path, *extra):
@@ -24,9 +25,10 @@ def test_suite_writes_table_json_and_chart(tmp_path, capsys):
     out = capsys.readouterr().out
 
     assert "| case | impl | median ms | p20 ms | p80 ms | GB/s | of copy |" in out
-    for name in TORCH_IMPLS | {"fused_sched cpu", report.COPY_IMPL}:
+    for name in TORCH_IMPLS | FUSED_SCHED_IMPLS | {report.COPY_IMPL}:
         assert f"| tiny fp32 | {name} |" in out
     assert "## End-to-end" in out
+    assert "Convergence of the state formats" in out
 
     data = json.loads((tmp_path / "suite-cpu-smoke.json").read_text())
     assert data == json.loads(json.dumps(record, default=str))
@@ -37,7 +39,12 @@ def test_suite_writes_table_json_and_chart(tmp_path, capsys):
     assert data["interrupted"] is False
 
     rows = data["rows"]
-    assert {r["impl"] for r in rows} == TORCH_IMPLS | {"fused_sched cpu", report.COPY_IMPL}
+    assert {r["impl"] for r in rows} == TORCH_IMPLS | FUSED_SCHED_IMPLS | {report.COPY_IMPL}
+    by_impl = {r["impl"]: r for r in rows}
+    # Measured from the state tensors: float32 moments and a float32 step per tensor; bfloat16 moments half of it.
+    full, half = by_impl["fused_sched cpu"]["state_bytes_per_param"], by_impl["fused_sched cpu bf16 states"][
+        "state_bytes_per_param"]
+    assert 8 <= full < 9 and 4 <= half < 5 and half - 4 == pytest.approx(full - 8)
     numel = sum(torch.Size(s).numel() for s in tiny())
     for r in rows:
         assert set(report.ROW_KEYS) <= set(r), set(report.ROW_KEYS) - set(r)
@@ -45,8 +52,9 @@ def test_suite_writes_table_json_and_chart(tmp_path, capsys):
         assert r["GBps"] > 0 and r["fraction_of_copy"] > 0 and r["ops_per_step"] >= 1
         assert r["launches_per_step"] is None and r["syncs_per_step"] is None  # no device: n/a, not 0
         if r["impl"] != report.COPY_IMPL:
-            # float32 AdamW: param read + write, grad read, two float32 states read + write
-            assert r["bytes_per_step"] == 28 * numel
+            # float32 AdamW: param read + write, grad read, two float32 states read + write (bfloat16 states: two
+            # bytes each; the tiny case's tensors are below min_8bit_size, so AdamW8bit keeps float32 states)
+            assert r["bytes_per_step"] == (20 if r["impl"].endswith("bf16 states") else 28) * numel
             assert r["numel"] == numel and r["tensors"] == len(tiny())
             assert r["speedup_vs_torch_fused"] > 0 and r["peak_extra_MiB"] is not None
     skipped = {s["impl"] for s in data["skipped"]}
@@ -79,9 +87,9 @@ def test_implementations_run_one_at_a_time_when_they_do_not_fit_together(tmp_pat
     record = _run(tmp_path, "--no-e2e", "--no-plot", "--impl", "fused", "--impl", "foreach")
     assert {r["mode"] for r in record["rows"]} == {"one at a time"}
     assert {r["impl"] for r in record["rows"]} == {report.COPY_IMPL, "torch foreach", "torch fused",
-                                                   "torch fused, tensor lr", "fused_sched cpu"}
+                                                   "torch fused, tensor lr"} | FUSED_SCHED_IMPLS
     copy = next(r for r in record["rows"] if r["impl"] == report.COPY_IMPL)
-    assert copy["steps"] == 2 * 4  # the copy ceiling is timed alongside each implementation
+    assert copy["steps"] == 2 * 6  # the copy ceiling is timed alongside each implementation
     assert "one at a time" in capsys.readouterr().out
 
 

@@ -255,8 +255,9 @@ def _addresses(params, grads, states, column5):
     def address(t):
         return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
-    rows = [[address(p), address(grads[i]), *(address(s[i]) for s in states), column5[i], p.numel(), GROUP_OF[i], 0, i]
-            for i, p in enumerate(params)]
+    # Columns 10-13 (state format, 8-bit scales, code table): float32 states.
+    rows = [[address(p), address(grads[i]), *(address(s[i]) for s in states), column5[i], p.numel(), GROUP_OF[i], 0, i,
+             0, 0, 0, 0] for i, p in enumerate(params)]
     return torch.tensor(rows, dtype=torch.int64, device=DEVICE)
 
 
@@ -351,7 +352,8 @@ def test_lr_from_table_flag_overrides_the_program_on_every_backend():
             torch.ops.fused_sched.adam_step_(params, grads, *moments, [], steps, hyper, [0, 1], schedule=schedule,
                                              schedule_step=step)
         else:
-            rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, s.data_ptr(), p.numel(), k, 0, k]
+            rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, s.data_ptr(), p.numel(), k, 0, k,
+                     0, 0, 0, 0]
                     for k, (p, g, m, v, s) in enumerate(zip(params, grads, *moments, steps, strict=True))]
             table = torch.tensor(rows, dtype=torch.int64, device=device)
             chunks = device_tables.build_chunks([300, 5], CHUNK).to(device)

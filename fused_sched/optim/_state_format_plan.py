@@ -195,8 +195,12 @@ class StateFormatMixin:
     def _uses_state_formats(self) -> bool:
         """Whether a group asks for a low-memory format (the compiled step then runs eagerly: its list ops take
         float32 states only)."""
-        return any(g.get("optim_bits", 32) == 8 or g.get("state_dtype", torch.float32) == torch.bfloat16
-                   or g.get("master_weights") == "remainder" for g in self.param_groups)
+        # A plain loop: torch.compile traces this check, and a generator expression would break its graph.
+        for g in self.param_groups:
+            if (g.get("optim_bits", 32) == 8 or g.get("state_dtype", torch.float32) == torch.bfloat16
+                    or g.get("master_weights") == "remainder"):
+                return True
+        return False
 
 
 def validate_state_options(group: dict, name: str) -> None:

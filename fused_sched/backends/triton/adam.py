@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import DEFAULT_QBLOCK, _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
+from .launch import _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
 from .libm import dd_mul
 from .state_format import (
     FORMAT_BFLOAT16,
@@ -215,7 +215,7 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
                 schedule_step_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, step_advance_ptr, seed_lo, seed_hi,
                 PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, QBLOCK: tl.constexpr,
                 ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr):
+                HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FORMATS: tl.constexpr):
     """Adam / AdamW over every chunk of the bucket; see the module docstring for the tables. A row whose states
     have a low-memory format (kColFormat != 0) takes _adam_formatted_chunk; QBLOCK: the 8-bit rows' block size."""
     grad_scale, clip_coef, skipped = _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE,
@@ -277,8 +277,47 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         aligned = ((tl.load(entry + 0) | tl.load(entry + 1) | tl.load(entry + 2) | tl.load(entry + 3)
                     | tl.load(entry + 4) | master_address) & 15) == 0
         full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
-        fmt = tl.load(entry + 10)
-        if fmt == 0:  # float32 states
+        # HAS_FORMATS (constexpr): whether a row of the bucket has a low-memory format. Without, the kernel is
+        # the float32 one alone (its registers and code unchanged by the formatted path).
+        if HAS_FORMATS:
+            fmt = tl.load(entry + 10)
+            if fmt == 0:  # float32 states
+                for off in range(start, full_end, BLOCK):
+                    off = tl.multiple_of(off, BLOCK)
+                    _adam_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16),
+                                tl.multiple_of(exp_avg_ptr, 16), tl.multiple_of(exp_avg_sq_ptr, 16),
+                                tl.multiple_of(max_exp_avg_sq_ptr, 16), tl.multiple_of(master_ptr, 16), off, end,
+                                amsgrad, has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2,
+                                weight_decay, lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2,
+                                bc2_sqrt, eps, neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP,
+                                True)
+                for off in range(full_end, end, BLOCK):
+                    _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, off,
+                                end, amsgrad, has_master, grad_scale, clip_coef, grad_sign, decoupled, decay, l2,
+                                weight_decay, lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2,
+                                bc2_sqrt, eps, neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP,
+                                False)
+            else:
+                moments = fmt & FORMAT_MASK
+                if moments == FORMAT_BLOCKWISE_8BIT:
+                    _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
+                                          clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
+                                          lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt,
+                                          eps, neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK,
+                                          FORMAT_BLOCKWISE_8BIT, HAS_SCALE, HAS_CLIP)
+                elif moments == FORMAT_BFLOAT16:
+                    _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
+                                          clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
+                                          lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt,
+                                          eps, neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK,
+                                          FORMAT_BFLOAT16, HAS_SCALE, HAS_CLIP)
+                else:  # float32 moments, the master in a remainder
+                    _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
+                                          clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
+                                          lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt,
+                                          eps, neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK, 0,
+                                          HAS_SCALE, HAS_CLIP)
+        else:
             for off in range(start, full_end, BLOCK):
                 off = tl.multiple_of(off, BLOCK)
                 _adam_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16),
@@ -293,26 +332,6 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
                             weight_decay, lerp_small, lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2,
                             bc2_sqrt, eps, neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP,
                             False)
-        else:
-            moments = fmt & FORMAT_MASK
-            if moments == FORMAT_BLOCKWISE_8BIT:
-                _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
-                                      clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
-                                      lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
-                                      neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK,
-                                      FORMAT_BLOCKWISE_8BIT, HAS_SCALE, HAS_CLIP)
-            elif moments == FORMAT_BFLOAT16:
-                _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
-                                      clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
-                                      lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
-                                      neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK,
-                                      FORMAT_BFLOAT16, HAS_SCALE, HAS_CLIP)
-            else:  # float32 moments, the master in a remainder
-                _adam_formatted_chunk(entry, fmt, start, end, full_end, amsgrad, master_address, grad_scale,
-                                      clip_coef, grad_sign, decoupled, decay, l2, weight_decay, lerp_small,
-                                      lerp_weight, lerp_weight_minus_one, beta2_f, one_minus_beta2, bc2_sqrt, eps,
-                                      neg_step_size, stochastic, key, flags, PARAM_DTYPE, BLOCK, QBLOCK, 0, HAS_SCALE,
-                                      HAS_CLIP)
 
     _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, True, ROW_BLOCK)
 
@@ -322,7 +341,8 @@ def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, 
                 schedule_step: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                 found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
                 step_advance: torch.Tensor | None = None, sr_seed: int = 0, BLOCK: int = DEFAULT_BLOCK,
-                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS, QBLOCK: int = DEFAULT_QBLOCK) -> None:
+                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS, QBLOCK: int | None = None,
+                HAS_FORMATS: bool = True) -> None:
     """One Adam/AdamW step of a bucket, steps included, in one launch.
 
     table: int64 [n, TABLE_COLUMNS] address table; chunks: int64 [n_chunks, 2] from ``build_chunks(numels,
@@ -332,10 +352,11 @@ def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, 
     schedule_step: float64 [1], the scheduler's step; the lr and beta1 a group's program sets at that step replace
     the table's. grad_scale / found_inf / clip_coef (optional float32 [1]) and step_advance (optional float64 [1],
     written): see the module docstring; sr_seed: the seed of stochastic rounding (of the param and of bfloat16
-    moments); QBLOCK: the block size of every 8-bit row (docs/state_formats.md).
+    moments); QBLOCK: the block size of every 8-bit row (docs/state_formats.md; None: 256, or BLOCK // 2 when
+    smaller, for tables without 8-bit rows).
     """
     _launch(adam_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
-            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, sr_seed, QBLOCK)
+            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, sr_seed, QBLOCK, HAS_FORMATS)
 
 
 # The registered ops run the kernels of the optimizers' eager runner on the arguments of fused_sched::adam_step_ /

@@ -50,7 +50,10 @@ def _check_step_scalar(t, name, dtype, device):
 
 def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK, CHUNK,
             num_warps, grad_scale=None, found_inf=None, clip_coef=None, step_advance=None, sr_seed=0,
-            QBLOCK=DEFAULT_QBLOCK):
+            QBLOCK=None, HAS_FORMATS=True):
+    if QBLOCK is None:
+        # No 8-bit rows to fit (the list ops, direct calls): the default block size, or the largest that fits.
+        QBLOCK = min(DEFAULT_QBLOCK, max(BLOCK // 2, QBLOCK_SIZES[0]))
     if param_dtype not in _TL_DTYPES:
         raise ValueError(f"parameters must be float32, bfloat16 or float16, got {param_dtype}")
     if BLOCK <= 0 or BLOCK & (BLOCK - 1) or CHUNK % BLOCK:
@@ -74,7 +77,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
     # At least one program even without chunks (a bucket of empty tensors): the steps must still advance.
     grid = max(1, min(num_programs, n_chunks))
     specialization = (kernel.fn.__name__, param_dtype, schedule is None, grad_scale is None, found_inf is None,
-                      clip_coef is None, BLOCK, CHUNK, QBLOCK, num_warps, hyper.device)
+                      clip_coef is None, BLOCK, CHUNK, QBLOCK, HAS_FORMATS, num_warps, hyper.device)
     cap = _RESIDENT_PROGRAMS.get(specialization)
     if cap is not None:
         grid = min(grid, cap)
@@ -84,7 +87,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
         grad_scale, found_inf, clip_coef, step_advance, *_seed_halves(sr_seed),
         PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, QBLOCK=QBLOCK, ROW_BLOCK=_ROW_BLOCK,
         HAS_SCHEDULE=schedule is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        HAS_CLIP=clip_coef is not None,
+        HAS_CLIP=clip_coef is not None, HAS_FORMATS=HAS_FORMATS,
         num_warps=num_warps,
         # optim_math.h rounds a multiply-add once only where it says so (the tl.fma calls); no other may fuse.
         enable_fp_fusion=False,
@@ -190,8 +193,9 @@ def _launch_from_lists(launch, params, table_host, hyper, **options):
     device, dtype = params[0].device, params[0].dtype
     config, chunks = _launch_config(device, table_host[:, COL_NUMEL].tolist())
     counter = torch.zeros(1, dtype=torch.int32, device=device)
+    # The list ops' tables hold float32 states only (_address_table): the kernels without the formatted path.
     launch(to_device(table_host, device), to_device(chunks, device), hyper, counter, dtype,
-           config["num_programs"], BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], **options)
+           config["num_programs"], BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], HAS_FORMATS=False, **options)
 
 
 def _schema_of(name: str) -> tuple[str, tuple[str, ...]]:

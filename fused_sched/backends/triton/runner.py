@@ -41,6 +41,7 @@ class TritonBucketRunner(DeviceTables):
         super().__init__(device, dtype, algorithm)
         self.config = None
         self.block_size = block_size
+        self.has_formats = True  # set from the table at each upload (_rebuild)
 
     def _configure(self, numels: list[int]) -> torch.Tensor:
         self.config, chunks = _launch_config(self.device, numels)
@@ -53,12 +54,16 @@ class TritonBucketRunner(DeviceTables):
         if bool(eight_bit.any()) and bool(((formats[eight_bit] >> 8) & 0xFF).ne(self.block_size.bit_length() - 1)
                                           .any()):
             raise ValueError(f"8-bit states of this bucket use another block size than the runner's {self.block_size}")
+        # A bucket of float32 states only launches the kernels compiled without the formatted path (HAS_FORMATS):
+        # their code and registers are those of the float32 kernels alone.
+        self.has_formats = bool((formats != 0).any())
         super()._rebuild(host)
 
     def _launch(self, hyper: torch.Tensor, **options) -> None:
         """adam.launch_adam / sgd.launch_sgd."""
         self.launcher(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
-                      BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], QBLOCK=self.block_size, **options)
+                      BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], QBLOCK=self.block_size,
+                      HAS_FORMATS=self.has_formats, **options)
 
     def _norm_slots(self) -> int:
         return max(1, min(self.config["num_programs"], self.chunks.shape[0]))

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import DEFAULT_QBLOCK, _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
+from .launch import _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
 from .state_format import (
     FORMAT_BLOCKWISE_8BIT,
     FORMAT_MASK,
@@ -133,7 +133,7 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
                schedule_step_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, step_advance_ptr, seed_lo, seed_hi,
                PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, QBLOCK: tl.constexpr,
                ROW_BLOCK: tl.constexpr, HAS_SCHEDULE: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr):
+               HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FORMATS: tl.constexpr):
     """SGD (momentum, dampening, Nesterov) over every chunk of the bucket; see the module docstring. A row whose
     states have a low-memory format (kColFormat != 0) takes _sgd_formatted_chunk; QBLOCK: the 8-bit block size."""
     grad_scale, clip_coef, skipped = _step_inputs(grad_scale_ptr, found_inf_ptr, clip_coef_ptr, HAS_SCALE,
@@ -175,8 +175,30 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         # Vector path for the full blocks of aligned tensors, as in adam_kernel.
         aligned = ((tl.load(entry + 0) | tl.load(entry + 1) | tl.load(entry + 2) | master_address) & 15) == 0
         full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
-        fmt = tl.load(entry + 10)
-        if fmt == 0:  # a float32 buffer
+        # HAS_FORMATS (constexpr): whether a row of the bucket has a low-memory format (see adam_kernel).
+        if HAS_FORMATS:
+            fmt = tl.load(entry + 10)
+            if fmt == 0:  # a float32 buffer
+                for off in range(start, full_end, BLOCK):
+                    off = tl.multiple_of(off, BLOCK)
+                    _sgd_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(buf_ptr, 16),
+                               tl.multiple_of(master_ptr, 16), off, end, read_buf, has_momentum, has_master, fresh,
+                               grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
+                               nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, True)
+                for off in range(full_end, end, BLOCK):
+                    _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has_momentum, has_master,
+                               fresh, grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                               momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
+            elif (fmt & FORMAT_MASK) == FORMAT_BLOCKWISE_8BIT:
+                _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
+                                     grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                                     momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, FORMAT_BLOCKWISE_8BIT,
+                                     HAS_SCALE, HAS_CLIP)
+            else:  # a float32 buffer, the master in a remainder
+                _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
+                                     grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                                     momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, 0, HAS_SCALE, HAS_CLIP)
+        else:
             for off in range(start, full_end, BLOCK):
                 off = tl.multiple_of(off, BLOCK)
                 _sgd_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), tl.multiple_of(buf_ptr, 16),
@@ -187,15 +209,6 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
                 _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has_momentum, has_master,
                            fresh, grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
                            momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
-        elif (fmt & FORMAT_MASK) == FORMAT_BLOCKWISE_8BIT:
-            _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
-                                 grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
-                                 momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, FORMAT_BLOCKWISE_8BIT,
-                                 HAS_SCALE, HAS_CLIP)
-        else:  # a float32 buffer, the master in a remainder
-            _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
-                                 grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
-                                 momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, 0, HAS_SCALE, HAS_CLIP)
 
     _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, False, ROW_BLOCK)
 
@@ -205,14 +218,15 @@ def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, c
                schedule_step: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
                step_advance: torch.Tensor | None = None, sr_seed: int = 0, BLOCK: int = DEFAULT_BLOCK,
-               CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS, QBLOCK: int = DEFAULT_QBLOCK) -> None:
+               CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS, QBLOCK: int | None = None,
+               HAS_FORMATS: bool = True) -> None:
     """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards
     (unless found_inf skipped the step).
 
     Arguments as for ``launch_adam``; a schedule sets lr and momentum; SGD never rounds stochastically.
     """
     _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
-            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, 0, QBLOCK)
+            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, 0, QBLOCK, HAS_FORMATS)
 
 
 _SGD_SCHEMA, _SGD_WRITES = _schema_of("sgd_step_")
