@@ -279,6 +279,8 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
         full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
         # HAS_FORMATS (constexpr): whether a row of the bucket has a low-memory format. Without, the kernel is
         # the float32 one alone (its registers and code unchanged by the formatted path).
+        # The float32 loops are written out in both branches on purpose: moved into a jit helper, the bfloat16 /
+        # float16 kernels lost their 128-bit loads (bench.kernel_resources, triton 3.6 and 3.9, sm_90).
         if HAS_FORMATS:
             fmt = tl.load(entry + 10)
             if fmt == 0:  # float32 states

@@ -176,6 +176,8 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         aligned = ((tl.load(entry + 0) | tl.load(entry + 1) | tl.load(entry + 2) | master_address) & 15) == 0
         full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
         # HAS_FORMATS (constexpr): whether a row of the bucket has a low-memory format (see adam_kernel).
+        # The float32 loops are written out in both branches on purpose: moved into a jit helper, the bfloat16 /
+        # float16 kernels lost their 128-bit loads (bench.kernel_resources, triton 3.6 and 3.9, sm_90).
         if HAS_FORMATS:
             fmt = tl.load(entry + 10)
             if fmt == 0:  # a float32 buffer
