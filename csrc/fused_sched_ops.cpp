@@ -35,6 +35,16 @@ TORCH_LIBRARY(fused_sched, m) {
       "int[] group_index, int[] fresh_buffers, Tensor? schedule=None, Tensor? schedule_step=None, "
       "Tensor(c!)[]? master_params=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
       "Tensor(d!)? step_advance=None) -> ()");
+  // Muon over one bucket, one pass of two (muon_math.h MuonPass): phase 0 updates the momentum buffers and writes
+  // the (Nesterov) update to orthogonalize into `updates` (bfloat16, laid out like the params); phase 1 reads the
+  // orthogonalized update back from `updates` and applies weight decay and the update. lr_ratios: float64 [n] on
+  // the params' device, each param's adjust_lr_fn factor. found_inf != 0 skips both phases; phase 1 writes
+  // step_advance. grads are written (unscaled / clipped) by phase 0 when grad_scale or clip_coef is given.
+  m.def(
+      "muon_step_(Tensor(a!)[] params, Tensor(e!)[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
+      "Tensor lr_ratios, Tensor hyper, int[] group_index, int phase, Tensor? schedule=None, "
+      "Tensor? schedule_step=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(d!)? step_advance=None) -> ()");
   // (lr, momentum) of every group's schedule program at schedule_step (schedule_math.h); NaN where unset.
   m.def("evaluate_schedule(Tensor schedule, Tensor schedule_step) -> Tensor");
   // A fused clip's norm pass over the gradients of one or more buckets (bucket_sizes: how many of `grads` each
@@ -60,6 +70,12 @@ TORCH_LIBRARY(fused_sched, m) {
       "cuda_sgd_tables_(Tensor(c!) table, Tensor chunks, int chunk_elements, ScalarType param_dtype, Tensor hyper, "
       "Tensor(a!) counter, Tensor? schedule=None, Tensor? schedule_step=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None) -> ()");
+  // Muon: one pass (phase, as muon_step_) on the tables; column 5 holds the address of each row's float64 lr ratio and
+  // state1 the address of its bfloat16 workspace.
+  m.def(
+      "cuda_muon_tables_(Tensor table, Tensor chunks, int chunk_elements, ScalarType param_dtype, Tensor hyper, "
+      "Tensor(a!) counter, Tensor? schedule=None, Tensor? schedule_step=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None, int phase=0) -> ()");
   // A fused clip's norm pass over one bucket's tables (csrc/cuda/grad_norm.h launch_grad_norm_tables): writes its
   // partial sums at partials[slot_offset ...] and returns how many slots it used (a host value: the grid size, no
   // sync); the launch with finalize=True writes out = float32 [total_norm, clip_coef]. partials must hold slot_offset +

@@ -33,10 +33,15 @@ def _launch_sgd(common: tuple, sr_seed: int) -> None:
     torch.ops.fused_sched.cuda_sgd_tables_(*common)  # SGD never rounds stochastically
 
 
+def _launch_muon(common: tuple, sr_seed: int, phase: int) -> None:
+    torch.ops.fused_sched.cuda_muon_tables_(*common, phase)  # Muon never rounds stochastically
+
+
 #: The table operator of each optimizer family (FusedOptimizer._algorithm): one line per optimizer.
 LAUNCHERS = {
     "adam": _launch_adam,
     "sgd": _launch_sgd,
+    "muon": _launch_muon,
 }
 
 
@@ -49,11 +54,12 @@ class CudaBucketRunner(DeviceTables):
         return build_chunks(numels, CHUNK_ELEMENTS)
 
     def _launch(self, hyper: torch.Tensor, *, schedule, schedule_step, grad_scale, found_inf, clip_coef,
-                step_advance, sr_seed) -> None:
-        """csrc/cuda/adam.h launch_adam_tables / sgd.h launch_sgd_tables, through LAUNCHERS."""
+                step_advance, sr_seed, **algorithm_options) -> None:
+        """csrc/cuda/adam.h launch_adam_tables / sgd.h launch_sgd_tables / muon.h launch_muon_tables, through
+        LAUNCHERS."""
         common = (self.table, self.chunks, CHUNK_ELEMENTS, self.dtype, hyper, self.counter, schedule, schedule_step,
                   grad_scale, found_inf, clip_coef, step_advance)
-        self.launcher(common, sr_seed)
+        self.launcher(common, sr_seed, **algorithm_options)
 
     def _norm_slots(self) -> int:
         # A launch uses min(n_chunks, blocks the device holds) slots, at least one: this bound needs no device query.

@@ -5,7 +5,8 @@ The layout is one contract for every kernel (csrc/include/fused_sched/optim_math
 csrc/cuda/launch_common.h, backends/triton/):
 
 * address table: int64 ``[n, TABLE_COLUMNS]``, one row per tensor: param, grad, state0, state1, state2 addresses,
-  column 5 (Adam: the address of the float32 step tensor; SGD: the "fresh buffer" flag), numel, param-group index,
+  column 5 (Adam: the address of the float32 step tensor; SGD: the "fresh buffer" flag; Muon: the address of the
+  float64 lr ratio), numel, param-group index,
   master address (float32 copy, or int16 remainders), param id, state format, 8-bit absmax of state0 and state1,
   code table (docs/state_formats.md). The C++ bucket (``OptimBucket.address_table``) writes it on the host.
 * chunk map (``build_chunks``): int64 ``[n_chunks, 2]`` of (row, start); a chunk covers elements
@@ -78,7 +79,7 @@ class DeviceTables:
         raise NotImplementedError
 
     def _launch(self, hyper: torch.Tensor, *, schedule, schedule_step, grad_scale, found_inf, clip_coef,
-                step_advance, sr_seed) -> None:
+                step_advance, sr_seed, **algorithm_options) -> None:
         """One launch of the update kernel on the current tables (the arguments of ``run``)."""
         raise NotImplementedError
 
@@ -114,15 +115,20 @@ class DeviceTables:
             schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
             grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
             clip_coef: torch.Tensor | None = None, step_advance: torch.Tensor | None = None,
-            sr_seed: int = 0) -> None:
+            sr_seed: int = 0, **algorithm_options) -> None:
         """One step of the bucket: the tables brought up to date (`fresh`: SGD's fresh-buffer flags), one launch.
         hyper: float64 [groups, 8]; schedule / schedule_step: the bound device schedule; grad_scale, found_inf,
         clip_coef (float32 [1]) and step_advance (float64 [1], written): GradScaler's and a fused clip's inputs;
-        sr_seed: the seed of stochastic rounding. All on the bucket's device."""
+        sr_seed: the seed of stochastic rounding. All on the bucket's device. algorithm_options: what one family's
+        launcher alone takes (Muon: ``phase``, muon_math.h MuonPass); a Muon step runs twice on the same tables, so
+        only its last pass (``release_grads=True``) lets go of the gradients."""
+        release_grads = algorithm_options.pop("release_grads", True)
         self.sync_tables(native_bucket, fresh)
         self._launch(hyper, schedule=schedule, schedule_step=schedule_step, grad_scale=grad_scale,
-                     found_inf=found_inf, clip_coef=clip_coef, step_advance=step_advance, sr_seed=sr_seed)
-        native_bucket.release_grads()
+                     found_inf=found_inf, clip_coef=clip_coef, step_advance=step_advance, sr_seed=sr_seed,
+                     **algorithm_options)
+        if release_grads:
+            native_bucket.release_grads()
 
     def sync_tables(self, native_bucket, fresh: list[int] | None = None) -> None:
         """Uploads the address table if the last refresh_grads() changed it (or `fresh` flags are to be set)."""

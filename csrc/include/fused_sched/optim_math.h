@@ -62,10 +62,11 @@ enum HyperFlag : uint32_t {
 enum TableColumn : int {
   kColParam = 0,
   kColGrad = 1,
-  kColState0 = 2,   // Adam: exp_avg; SGD: momentum_buffer
-  kColState1 = 3,   // Adam: exp_avg_sq
+  kColState0 = 2,   // Adam: exp_avg; SGD, Muon: momentum_buffer
+  kColState1 = 3,   // Adam: exp_avg_sq; Muon: the bfloat16 workspace of the update (muon_math.h)
   kColState2 = 4,   // Adam: max_exp_avg_sq
-  kColStep = 5,     // Adam: address of the float32 step; SGD: the "fresh buffer" flag
+  kColStep = 5,     // Adam: address of the float32 step; SGD: the "fresh buffer" flag; Muon: address of the
+                    // float64 lr ratio (adjust_lr_fn)
   kColNumel = 6,
   kColGroup = 7,
   kColMaster = 8,   // float32 master copy of a low-precision param (master_weights), 0 without one
