@@ -155,6 +155,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           pybind11::arg("schedule_step") = std::nullopt, pybind11::arg("grad_scale") = std::nullopt,
           pybind11::arg("found_inf") = std::nullopt, pybind11::arg("clip_coef") = std::nullopt,
           pybind11::arg("step_advance") = std::nullopt)
+      .def(
+          "muon_step",
+          [](fused_sched::OptimBucket& b, const at::Tensor& hyper, int64_t phase,
+             const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+             const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance) {
+            b.muon_step(hyper, phase, schedule, schedule_step, {grad_scale, found_inf, clip_coef, step_advance});
+          },
+          pybind11::arg("hyper"), pybind11::arg("phase"), pybind11::arg("schedule") = std::nullopt,
+          pybind11::arg("schedule_step") = std::nullopt, pybind11::arg("grad_scale") = std::nullopt,
+          pybind11::arg("found_inf") = std::nullopt, pybind11::arg("clip_coef") = std::nullopt,
+          pybind11::arg("step_advance") = std::nullopt)
       .def("grad_norm_accumulate", &fused_sched::OptimBucket::grad_norm_accumulate, pybind11::arg("norm_type"),
            pybind11::arg("grad_scale") = 1.0)
       .def("address_table", &fused_sched::OptimBucket::address_table)

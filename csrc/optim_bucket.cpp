@@ -9,7 +9,9 @@
 
 #include "cpu/adam.h"
 #include "cpu/grad_norm.h"
+#include "cpu/muon.h"
 #include "cpu/sgd.h"
+#include "fused_sched/muon_math.h"
 #include "cpu/step_common.h"
 #include "fused_sched/optim_math.h"
 #include "optim_checks.h"
@@ -272,6 +274,19 @@ void OptimBucket::sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& 
   cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), hyper, group_index_, fresh_buffers, schedule,
                     schedule_step, options(amp, 0), /*checked=*/true);
   release_grads();
+}
+
+void OptimBucket::muon_step(const at::Tensor& hyper, int64_t phase, const std::optional<at::Tensor>& schedule,
+                            const std::optional<at::Tensor>& schedule_step, const Amp& amp) {
+  RECORD_FUNCTION("fused_sched::muon_step_", std::vector<c10::IValue>());
+  TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::muon_step runs CPU buckets");
+  TORCH_CHECK(states_.size() == 2 && steps_.size() == params_.size(), "fused_sched: a Muon bucket holds momentum "
+              "buffers, workspaces and lr ratios");
+  std::vector<double> lr_ratios(steps_.size());
+  for (size_t i = 0; i < steps_.size(); ++i) lr_ratios[i] = *steps_[i].data_ptr<double>();
+  cpu::muon_step_cpu(params_, grads_, states_[0], states_[1], lr_ratios, hyper, group_index_, phase, schedule,
+                     schedule_step, options(amp, 0), /*checked=*/true);
+  if (phase == kMuonUpdatePass) release_grads();
 }
 
 double OptimBucket::grad_norm_accumulate(double norm_type, double grad_scale) const {

@@ -50,6 +50,10 @@ class OptimBucket {
   void sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
                 const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
                 const Amp& amp);
+  // One of Muon's two passes (muon_math.h MuonPass) on a CPU bucket built with states [momentum_buffers, bfloat16
+  // workspaces] and steps = one-element float64 lr ratios. The gradients are held until the update pass.
+  void muon_step(const at::Tensor& hyper, int64_t phase, const std::optional<at::Tensor>& schedule,
+                 const std::optional<at::Tensor>& schedule_step, const Amp& amp);
   // The bucket's share of a fused clip's norm (cpu::grad_norm_accumulate_cpu) over the gradients of the last
   // refresh_grads(); CPU buckets.
   double grad_norm_accumulate(double norm_type, double grad_scale) const;

@@ -23,7 +23,18 @@ from .hf_schedules import (
     get_scheduler,
     get_wsd_schedule,
 )
-from .optim import SGD, Adam, Adam8bit, AdamW, AdamW8bit, SGD8bit, to_torch_state_dict
+from .optim import (
+    SGD,
+    Adam,
+    Adam8bit,
+    AdamW,
+    AdamW8bit,
+    Muon,
+    MuonWithAdamW,
+    SGD8bit,
+    muon_param_groups,
+    to_torch_state_dict,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +42,9 @@ __all__ = [
     "Adam",
     "AdamW",
     "SGD",
+    "Muon",
+    "MuonWithAdamW",
+    "muon_param_groups",
     "AdamW8bit",
     "Adam8bit",
     "SGD8bit",

@@ -9,6 +9,7 @@ CPU_SOURCES = [
     "csrc/cpu/step_common.cpp",
     "csrc/cpu/adam.cpp",
     "csrc/cpu/sgd.cpp",
+    "csrc/cpu/muon.cpp",
     "csrc/cpu/grad_norm.cpp",
     "csrc/cpu/kernels_default.cpp",
     "csrc/cpu/kernels_avx2.cpp",

@@ -27,11 +27,11 @@ struct TensorSlot {
   void* param;
   const void* grad;
   float* state0;  // Adam: exp_avg;     SGD: momentum_buffer (may be null when momentum == 0)
-  float* state1;  // Adam: exp_avg_sq
+  float* state1;  // Adam: exp_avg_sq;  Muon: the bfloat16 workspace of the update (typed float* here)
   float* state2;  // Adam: max_exp_avg_sq (null unless amsgrad)
   int64_t numel;
   const double* hyper;  // the row of this tensor's param group in the hyper-parameter table
-  double step;          // Adam: the step count after this step's increment
+  double step;          // Adam: the step count after this step's increment; Muon: the lr ratio (adjust_lr_fn)
   bool fresh;           // SGD: the momentum buffer is created by this step
   float* master;        // float32 master copy of a low-precision param (null without one): read and written
                         // in place of the param, which receives the master rounded to nearest even
@@ -75,6 +75,8 @@ struct KernelTable {
   ChunksFn adam_chunks;
   ChunksFn sgd_chunks;
   NormFn grad_norm;
+  ChunksFn muon_momentum_chunks;  // Muon's two passes (muon_math.h)
+  ChunksFn muon_update_chunks;
 };
 
 // One per capability; `nullptr`-returning where the capability is not compiled for this target.

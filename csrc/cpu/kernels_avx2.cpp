@@ -32,12 +32,14 @@
 #define CPU_CAPABILITY_AVX2
 #include "adam_kernels.h"
 #include "grad_norm_kernels.h"
+#include "muon_kernels.h"
 #include "sgd_kernels.h"
 #pragma GCC pop_options
 
 namespace fused_sched::cpu {
 const KernelTable* kernels_avx2() {
-  static const KernelTable table{"avx2", &AVX2::adam_chunks, &AVX2::sgd_chunks, &AVX2::grad_norm};
+  static const KernelTable table{"avx2", &AVX2::adam_chunks, &AVX2::sgd_chunks, &AVX2::grad_norm,
+                                 &AVX2::muon_momentum_chunks, &AVX2::muon_update_chunks};
   return &table;
 }
 }  // namespace fused_sched::cpu

@@ -34,12 +34,14 @@
 #define CPU_CAPABILITY_AVX512
 #include "adam_kernels.h"
 #include "grad_norm_kernels.h"
+#include "muon_kernels.h"
 #include "sgd_kernels.h"
 #pragma GCC pop_options
 
 namespace fused_sched::cpu {
 const KernelTable* kernels_avx512() {
-  static const KernelTable table{"avx512", &AVX512::adam_chunks, &AVX512::sgd_chunks, &AVX512::grad_norm};
+  static const KernelTable table{"avx512", &AVX512::adam_chunks, &AVX512::sgd_chunks, &AVX512::grad_norm,
+                                 &AVX512::muon_momentum_chunks, &AVX512::muon_update_chunks};
   return &table;
 }
 }  // namespace fused_sched::cpu

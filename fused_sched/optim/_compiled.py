@@ -42,8 +42,9 @@ from . import _plan, _tensors
 
 def step(opt) -> None:
     """FusedOptimizer.step's body (after the closure) under torch.compile."""
-    if opt._uses_state_formats():
-        # The list ops take float32 states only: low-memory formats run the eager step (one graph break).
+    if opt._uses_state_formats() or not opt._traceable:
+        # The list ops take float32 states only: low-memory formats run the eager step (one graph break), as does
+        # Muon (its Newton-Schulz matmuls run between two kernel passes on the eager plan's workspaces).
         eager_step(opt)
         return
     relayout = _prepare(opt, True)
@@ -276,7 +277,8 @@ def _eager_clip(opt, max_norm: float, norm_type: float, error_if_nonfinite: bool
 # This module is imported only while Dynamo traces (FusedOptimizer.step imports it then), so torch.compiler.disable
 # (which imports torch._dynamo, seconds) costs `import fused_sched` nothing.
 _REASON = ("fused_sched: the eager step runs what the compiled one does not handle: DTensor parameters (FSDP2), "
-           "updated through their local shards, low-memory state formats, and a rejected step, whose error it raises")
+           "updated through their local shards, low-memory state formats, Muon, and a rejected step, whose error it "
+           "raises")
 eager_step = torch.compiler.disable(_eager_step, reason=_REASON)
 _prepare_eagerly = torch.compiler.disable(_prepare, reason="fused_sched: the host side of a compiled step")
 eager_clip = torch.compiler.disable(_eager_clip, reason=_REASON)

@@ -63,6 +63,9 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
     _has_step = False
     #: Kernel family: "adam" or "sgd".
     _algorithm = ""
+    #: False where the compiled step (fused_sched/optim/_compiled.py) runs the eager one instead (Muon, whose
+    #: Newton-Schulz matmuls sit between two kernel passes).
+    _traceable = True
     #: True when the step that creates the first state tensor treats it apart (SGD: the new momentum buffer takes the
     #: gradient as it is, a "fresh" flag handed to the kernel).
     _fresh_first_state = False
@@ -123,6 +126,10 @@ class FusedOptimizer(StepInputsMixin, ClipMixin, PlanMixin, Optimizer):
     def _momentum_column(self) -> int:
         """The hyper column that a schedule's momentum target drives (Adam: beta1, SGD: momentum)."""
         raise NotImplementedError
+
+    def _momentum_column_of(self, group: dict) -> int:
+        """_momentum_column for `group` (an optimizer with several families answers per group)."""
+        return self._momentum_column()
 
     def _run_bucket(self, bucket: Bucket, hyper: torch.Tensor, amp: dict) -> None:
         """One backend call for `bucket`; amp: grad_scale, found_inf, clip_coef, step_advance (tensors or None)."""

@@ -29,12 +29,14 @@ class Bucket:
     extra copies of such parameters per step, the others untouched."""
 
     __slots__ = ("device", "dtype", "backend", "params", "group_index", "native", "fresh", "runner", "sharded",
-                 "param_ids", "standins")
+                 "param_ids", "standins", "family", "extra")
 
-    def __init__(self, device, dtype, backend, params, group_index):
+    def __init__(self, device, dtype, backend, params, group_index, family=""):
         self.device = device
         self.dtype = dtype
         self.backend = backend
+        self.family = family  # the kernel family that updates it (FusedOptimizer._algorithm, or a group's)
+        self.extra = None  # what one family keeps beside the C++ bucket (Muon: its Newton-Schulz work)
         self.params = params
         self.group_index = group_index
         self.native = None
@@ -165,20 +167,21 @@ class PlanMixin(StateFormatMixin):
         by_key: dict = {}
         for index, needs, p in with_grad:
             created, mode = self._init_state(p, self.param_groups[index], needs, formats[id(p)], block_size)
-            by_key.setdefault((p.device, p.dtype), []).append((index, p, created, mode))
+            family = self._group_family(self.param_groups[index])
+            by_key.setdefault((p.device, p.dtype, family), []).append((index, p, created, mode))
         buckets = []
         native = load_extension()
-        for (device, dtype), members in by_key.items():
-            bucket = Bucket(device, dtype, resolved[device], [m[1] for m in members], [m[0] for m in members])
+        for (device, dtype, family), members in by_key.items():
+            bucket = Bucket(device, dtype, resolved[device], [m[1] for m in members], [m[0] for m in members], family)
             placeholder = torch.empty(0, dtype=torch.float32, device=device)  # "no such tensor"
             states = []
-            for key in self._state_keys:
+            for key in self._family_state_keys(family):
                 column = [self.state[p].get(key) for p in bucket.params]
                 if any(t is not None for t in column):
                     states.append([local_shard(t) if t is not None else placeholder for t in column])
                 else:
                     states.append([])
-            steps = [self.state[p]["step"] for p in bucket.params] if self._has_step else []
+            steps = [self.state[p]["step"] for p in bucket.params] if self._family_has_step(family) else []
             masters = []
             if any(m[3] for m in members):
                 keys = {"copy": MASTER_KEY, "remainder": sf.REMAINDER_KEY}
@@ -205,16 +208,17 @@ class PlanMixin(StateFormatMixin):
                 bucket.sharded = [(p, local) for p, local in zip(bucket.params, locals_, strict=True)
                                   if is_dtensor(p)]
                 bucket.lend_local_grads()
+            states, steps = self._family_tensors(bucket, locals_, states, steps)
             bucket.native = native.OptimBucket(locals_, states, steps, bucket.group_index, masters, ids,
                                                column_of if any(column_of) else [], absmax, qmap)
             if bucket.backend == "triton":
                 from ..backends.triton.runner import TritonBucketRunner
 
-                bucket.runner = TritonBucketRunner(device, dtype, self._algorithm, block_size=block_size)
+                bucket.runner = TritonBucketRunner(device, dtype, family, block_size=block_size)
             elif bucket.backend == "cuda":
                 from ..backends.cuda_backend import CudaBucketRunner
 
-                bucket.runner = CudaBucketRunner(device, dtype, self._algorithm)
+                bucket.runner = CudaBucketRunner(device, dtype, family)
             # SGD: a momentum buffer created by this step takes the gradient as it is (torch clones it).
             bucket.fresh = [int(m[2] or i in fresh_ids) for m, i in zip(members, ids, strict=True)]
             problem = bucket.native.refresh_grads()
@@ -224,6 +228,23 @@ class PlanMixin(StateFormatMixin):
         if fresh_ids:
             self._slots["fresh"] = ()  # the buckets hold them now
         return Plan(buckets, native.NoGradWatch(without_grad))
+
+    # -- optimizer families: one kernel family per optimizer, or per param group (MuonWithAdamW) --------------
+    def _group_family(self, group: dict) -> str:
+        """The kernel family that updates `group`'s params (its buckets' runner and state keys)."""
+        return self._algorithm
+
+    def _family_state_keys(self, family: str) -> tuple[str, ...]:
+        """The state keys a bucket of `family` hands its kernels, in kernel order."""
+        return self._state_keys
+
+    def _family_has_step(self, family: str) -> bool:
+        return self._has_step
+
+    def _family_tensors(self, bucket: Bucket, locals_: list, states: list, steps: list) -> tuple[list, list]:
+        """The state lists and step tensors of the C++ bucket; a family that keeps more beside its state (Muon's
+        workspaces and lr ratios) adds them here and may set ``bucket.extra``."""
+        return states, steps
 
     def _settle_fresh(self) -> None:
         """Settles the fresh flags that compiled SGD steps left open (_slots["unfilled"]: param ids of momentum
@@ -245,7 +266,7 @@ class PlanMixin(StateFormatMixin):
         (StateFormatMixin: a state held in another format is converted); returns (whether the first state tensor,
         SGD's momentum buffer, was created now, the master mode)."""
         state = self.state[p]
-        if self._has_step and "step" not in state:
+        if self._family_has_step(self._group_family(group)) and "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         created = self._format_states(p, group, needs, moment_format, block_size)
         mode = self._format_master(p, group)

@@ -96,7 +96,6 @@ class StepInputsMixin:
             binding.cover_groups(len(rows))
             # The kernels take these values from the schedule programs: the host copies that the scheduler keeps
             # in the param groups must not cause a table upload at every step.
-            momentum_column = self._momentum_column()
             # Under torch.compile the comparison would make Dynamo guard on every new lr value (a recompilation per
             # scheduler step): a compiled step always follows the program.
             compiling = torch.compiler.is_compiling()
@@ -121,7 +120,7 @@ class StepInputsMixin:
                             # beta1 / momentum written by hand: the next step uses it, as torch's would.
                             flags |= _hyper.MOMENTUM_FROM_TABLE
                         else:
-                            row[momentum_column] = 0.0
+                            row[self._momentum_column_of(self.param_groups[g])] = 0.0
                     row[_hyper.FLAGS] = float(flags)
                     rows[g] = tuple(row)
         if rows != self._rows:
