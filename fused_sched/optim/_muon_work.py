@@ -19,6 +19,12 @@ import torch
 from ._tensors import is_dtensor
 
 
+def _all_gather(output: torch.Tensor, input_: torch.Tensor, group) -> None:
+    """torch.distributed.all_gather_single (torch 2.13's name; all_gather_into_tensor before, deprecated since)."""
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(output, input_, group=group)
+
+
 def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     """The matrix Muon orthogonalizes for param `p` (its global shape for a DTensor): (out, rest)."""
     rows = p.shape[0]
@@ -59,9 +65,12 @@ class _ShapeGroup:
             return
         group, world, first, local_rows = self.sharded
         padded = self.batch.shape[1]
-        gathered = self.batch.new_empty((world, n, padded, self.batch.shape[2]))
-        torch.distributed.all_gather_into_tensor(gathered, self.batch, group=group)
+        # The output as the concatenation of the ranks' buffers along dim 0 ([world * n, ...]): gloo rejects the
+        # stacked form [world, n, ...] that the collective's documentation also allows.
+        gathered = self.batch.new_empty((world * n, padded, self.batch.shape[2]))
+        _all_gather(gathered, self.batch, group=group)
         # Shards follow torch.chunk: full shards first, so every padding row comes after the last real one.
+        gathered = gathered.view(world, n, padded, -1)
         full = gathered.permute(1, 0, 2, 3).reshape(n, world * padded, -1)[:, :self.shape[0]]
         o = newton_schulz(full.reshape(n, self.rows, self.cols), self.coefficients, self.steps, self.eps)
         mine = o.reshape(n, self.shape[0], -1)[:, first:first + local_rows]
@@ -80,7 +89,11 @@ class MuonWork:
         members: dict = {}
         for i, (p, group) in enumerate(zip(params, groups, strict=True)):
             settings = (tuple(float(v) for v in group["ns_coefficients"]), int(group["ns_steps"]), float(group["eps"]))
-            key = (settings, tuple(p.shape), tuple(locals_[i].stride()), is_dtensor(p))
+            sharded = is_dtensor(p)
+            # A sharded group's collective must be the same on every rank: its key holds only what every rank
+            # agrees on (the global shape; the local shards' layout, which an empty or one-row shard leaves loose,
+            # is checked to be contiguous in _sharded_group).
+            key = (settings, tuple(p.shape), None if sharded else tuple(locals_[i].stride()), sharded)
             members.setdefault(key, []).append(i)
         self.workspaces = [None] * len(params)
         self.groups = []
