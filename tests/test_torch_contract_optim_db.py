@@ -30,7 +30,7 @@ def _error_cases():
     except BaseException:  # noqa: BLE001 (pytest's skip while collecting)
         return [pytest.param(None, None, marks=pytest.mark.skip(reason="torch's optim_db needs expecttest"))]
     cases = []
-    for name in ("Adam", "AdamW", "SGD"):
+    for name in ("Adam", "AdamW", "SGD", "Muon"):
         for i, error in enumerate(infos[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)):
             cases.append(pytest.param(name, i, id=f"{name}-{i}-{error.optimizer_error_input.desc}"))
     return cases
@@ -58,7 +58,7 @@ def _parity_cases():
     except BaseException:  # noqa: BLE001
         return [pytest.param(None, None, marks=pytest.mark.skip(reason="torch's optim_db needs expecttest"))]
     cases = []
-    for name in ("Adam", "AdamW", "SGD"):
+    for name in ("Adam", "AdamW", "SGD", "Muon"):
         for i, config in enumerate(infos[name].optim_inputs_func(device="cpu")):
             cases.append(pytest.param(name, i, id=f"{name}-{i}-{config.desc}"))
     return cases
@@ -76,7 +76,8 @@ def test_torch_configurations_match_torch(name, index):
     if kwargs.get("differentiable"):
         pytest.skip("fused_sched refuses differentiable=True (tested in test_optim_validation.py)")
     torch.manual_seed(index)
-    shapes = [(5, 3), (7,), (2, 3, 4)]
+    # Muon takes matrices only: a tall, a wide and a square one.
+    shapes = [(5, 3), (3, 7), (4, 4)] if name == "Muon" else [(5, 3), (7,), (2, 3, 4)]
     inits = [torch.randn(s) for s in shapes]
     inits[0] = inits[0].t().contiguous().t()  # a transposed layout
     grads = [[torch.randn(s) for s in shapes] for _ in range(5)]
@@ -92,7 +93,7 @@ def test_torch_configurations_match_torch(name, index):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = run(getattr(torch.optim, name), foreach=False)
+        ref = run(getattr(torch.optim, name), **({} if name == "Muon" else {"foreach": False}))
         ours = run(getattr(fused_sched, name))
     for a, b in zip(ours, ref, strict=True):
         # The project's parity tolerance for float32 (tests/optim_reference.py ATOL): a few ulps of reordered

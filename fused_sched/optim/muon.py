@@ -160,7 +160,10 @@ class Muon(FusedOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        check_muon_params(params, param_group.get("flatten", self.defaults["flatten"]))
+        # Named params come as (name, tensor); anything else that is not a tensor is torch's to refuse.
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        check_muon_params([p for p in tensors if isinstance(p, torch.Tensor)],
+                          param_group.get("flatten", self.defaults["flatten"]))
         super().add_param_group({**param_group, "params": params})
 
     def __setstate__(self, state):

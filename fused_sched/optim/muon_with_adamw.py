@@ -96,7 +96,7 @@ class MuonWithAdamW(Muon):
                          flatten=flatten, backend=backend, max_grad_norm=max_grad_norm)
 
     def add_param_group(self, param_group: dict) -> None:
-        if "use_muon" not in param_group or not isinstance(param_group["use_muon"], bool):
+        if not isinstance(param_group, dict) or not isinstance(param_group.get("use_muon"), bool):
             raise ValueError("MuonWithAdamW needs use_muon=True (Muon) or False (AdamW) in every param group; "
                              "fused_sched.muon_param_groups(model) makes the usual split")
         if param_group["use_muon"]:
@@ -110,6 +110,12 @@ class MuonWithAdamW(Muon):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("adamw_defaults", {})
+
+    def _attach_schedule(self, binding) -> None:
+        if any(binding.momentum_groups):
+            raise ValueError("MuonWithAdamW takes no schedule of the momentum (cycle_momentum): Muon's momentum and "
+                             "AdamW's beta1 differ in meaning; pass cycle_momentum=False")
+        super()._attach_schedule(binding)
 
     def _group_family(self, group: dict) -> str:
         return "muon" if group.get("use_muon", True) else "adam"
