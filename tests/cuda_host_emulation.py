@@ -3,10 +3,11 @@
 ``install()`` builds the kernel sources with g++ against tests/cuda_host/ (emu.h: one std::thread per CUDA thread,
 blocks one after another, barriers and atomics as on a GPU; the CUDA headers it stands in for), loads it with
 ctypes, registers it as the CPU implementation of the CUDA table operators (``fused_sched::cuda_adam_tables_``,
-``cuda_sgd_tables_``, ``cuda_grad_norm_tables_``; their CUDA implementation is csrc/cuda/*_torch.cpp) and
-lets ``backend="cuda"`` run CPU tensors (``fused_sched.backends.enable_cuda_host_emulation``). The optimizers then
-drive the real kernel source through their real CUDA runner (fused_sched/backends/cuda_backend.py): tables,
-chunk map, ticket counter, flags and options exactly as on a GPU.
+``cuda_sgd_tables_``, ``cuda_muon_tables_``, ``cuda_grad_norm_tables_``; their CUDA implementation is
+csrc/cuda/*_torch.cpp) and lets ``backend="cuda"`` run CPU tensors
+(``fused_sched.backends.enable_cuda_host_emulation``). The optimizers then drive the real kernel source through
+their real CUDA runner (fused_sched/backends/cuda_backend.py): tables, chunk map, ticket counter, flags and options
+exactly as on a GPU.
 
 What it cannot check: the torch glue of the GPU build (compile-checked by .ci/nvcc_check.sh), the device
 libraries' accuracy (the host's pow is correctly rounded, CUDA's double pow is not), races between blocks (they
@@ -94,6 +95,8 @@ def _load() -> ctypes.CDLL:
         lib.emu_adam_tables.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P,
                                         ctypes.c_uint64]
         lib.emu_sgd_tables.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P]
+        lib.emu_muon_tables.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P,
+                                        _I64]
         lib.emu_grad_norm_tables.argtypes = [ctypes.c_int, _P, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_double,
                                              ctypes.c_float, ctypes.c_int, _P]
         lib.emu_set_sms(SMS)
@@ -148,6 +151,19 @@ def _sgd_tables(table, chunks, chunk_elements, param_dtype, hyper, counter, sche
         _ptr(found_inf), _ptr(clip_coef), _ptr(step_advance)), "launch_sgd_tables")
 
 
+def _muon_tables(table, chunks, chunk_elements, param_dtype, hyper, counter, schedule=None, schedule_step=None,
+                 grad_scale=None, found_inf=None, clip_coef=None, step_advance=None, phase=0):
+    _check_tables(table, chunks, chunk_elements)
+    if phase not in (0, 1):  # the glue's check_phase (csrc/cuda/muon_torch.cpp)
+        raise ValueError(f"Muon's phase is 0 (momentum) or 1 (update), got {phase}")
+    program, segments, step = _schedule(schedule, schedule_step)
+    # The launcher ignores step_advance in the momentum pass (phase 0), as on a GPU.
+    _check(_load().emu_muon_tables(
+        _DTYPE_CODES[param_dtype], table.data_ptr(), table.shape[0], chunks.data_ptr(), chunks.shape[0],
+        chunk_elements, hyper.data_ptr(), program, segments, step, counter.data_ptr(), _ptr(grad_scale),
+        _ptr(found_inf), _ptr(clip_coef), _ptr(step_advance), phase), "launch_muon_tables")
+
+
 def _grad_norm_tables(table, chunks, chunk_elements, grad_dtype, partials, slot_offset, counter, out, grad_scale,
                       norm_type, max_norm, finalize):
     _check_tables(table, chunks, chunk_elements)
@@ -169,6 +185,7 @@ def install() -> None:
         library = torch.library.Library("fused_sched", "IMPL")
         library.impl("cuda_adam_tables_", _adam_tables, "CPU")
         library.impl("cuda_sgd_tables_", _sgd_tables, "CPU")
+        library.impl("cuda_muon_tables_", _muon_tables, "CPU")
         library.impl("cuda_grad_norm_tables_", _grad_norm_tables, "CPU")
         _STATE["library"] = library
     backends.enable_cuda_host_emulation()
