@@ -78,8 +78,9 @@ def test_jit_sources_follow_setup_py():
     assert cpu_nvcc == [] and "-DFUSED_SCHED_WITH_CUDA=1" not in cpu_flags
     sources, flags, nvcc = _extension._jit_sources(ROOT, with_cuda=True)
     added = [os.path.relpath(s, ROOT) for s in sources[len(cpu_sources):]]
-    assert added == ["csrc/cuda/adam.cu", "csrc/cuda/grad_norm.cu", "csrc/cuda/sgd.cu", "csrc/cuda/adam_torch.cpp",
-                     "csrc/cuda/common_torch.cpp", "csrc/cuda/grad_norm_torch.cpp", "csrc/cuda/sgd_torch.cpp"]
+    assert added == ["csrc/cuda/adam.cu", "csrc/cuda/grad_norm.cu", "csrc/cuda/muon.cu", "csrc/cuda/sgd.cu",
+                     "csrc/cuda/adam_torch.cpp", "csrc/cuda/common_torch.cpp", "csrc/cuda/grad_norm_torch.cpp",
+                     "csrc/cuda/muon_torch.cpp", "csrc/cuda/sgd_torch.cpp"]
     assert "-DFUSED_SCHED_WITH_CUDA=1" in flags
     assert "-lineinfo" in nvcc and "-gencode=arch=compute_90,code=sm_90" in nvcc and "--fmad=false" in nvcc
 
