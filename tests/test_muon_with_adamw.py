@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import fused_sched
+from fused_sched.optim.muon import adjusted_lr_ratio
 from optim_reference import ATOL
+from test_muon_parity import NS_ULPS
 
 STEPS = 12
 
@@ -77,13 +79,16 @@ def _set_grads(model, grads):
         p.grad = g.clone()
 
 
-def _compare(ours, ref):
-    """Muon's params bit for bit (their gradients are given, not computed), AdamW's to the project's float32
-    tolerance (tests/optim_reference.py ATOL: fused_sched.AdamW's parity with torch's for-loop AdamW)."""
+def _compare(ours, ref, lr_sum):
+    """Muon's params within the batched Newton-Schulz's bfloat16 rounding (tests/test_muon_parity.py NS_ULPS; lr_sum: the
+    Muon lrs summed over the steps), AdamW's to the project's float32 tolerance (tests/optim_reference.py ATOL:
+    fused_sched.AdamW's parity with torch's for-loop AdamW). The gradients are given, not computed, so the two parts
+    do not feed each other's differences."""
     muon_ids = {id(p) for p in fused_sched.muon_param_groups(ours)[0]["params"]}
     for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
         if id(a) in muon_ids:
-            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+            bound = NS_ULPS * 2.0**-8 * lr_sum * adjusted_lr_ratio(None, *a.shape)
+            assert (a - b).abs().max().item() <= bound, (name, (a - b).abs().max().item(), bound)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -103,7 +108,7 @@ def test_one_optimizer_one_schedule_matches_torch_muon_plus_adamw():
         opt_a.step()
         for s in scheds:
             s.step()
-    _compare(ours, ref)
+    _compare(ours, ref, 0.02 * STEPS)
     assert sorted(b.family for b in opt._plan.buckets) == ["adam", "muon"]
     muon_param = ours.blocks[0].up.weight
     adam_param = ours.embed.weight
@@ -125,7 +130,7 @@ def test_torch_schedulers_work_unchanged():
             o.step()
         for s in (sched, *scheds):
             s.step()
-    _compare(ours, ref)
+    _compare(ours, ref, 0.02 * STEPS)
     with pytest.raises(ValueError, match="cycle_momentum=False"):
         fused_sched.lr_scheduler.OneCycleLR(_fused(_model()), max_lr=0.05, total_steps=10)
 
@@ -141,7 +146,7 @@ def test_fused_clipping_covers_both_parts():
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         opt_m.step()
         opt_a.step()
-    _compare(ours, ref)
+    _compare(ours, ref, 0.02 * 4)
 
 
 def test_state_dict_resume_equals_uninterrupted_run():
