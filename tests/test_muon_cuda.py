@@ -13,10 +13,10 @@ momentum. The list op (muon_step_) only on a GPU: its CUDA implementation is the
 
 from __future__ import annotations
 
-import muon_reference as ref
 import pytest
 import torch
 
+import muon_reference as ref
 from fused_sched import _hyper
 from fused_sched import _schedule_program as sp
 from fused_sched._extension import load_extension

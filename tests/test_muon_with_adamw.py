@@ -80,7 +80,7 @@ def _set_grads(model, grads):
 
 
 def _compare(ours, ref, lr_sum):
-    """Muon's params within the batched Newton-Schulz's bfloat16 rounding (tests/test_muon_parity.py NS_ULPS; lr_sum: the
+    """Muon's params within the batched Newton-Schulz's bfloat16 rounding (test_muon_parity.py NS_ULPS; lr_sum: the
     Muon lrs summed over the steps), AdamW's to the project's float32 tolerance (tests/optim_reference.py ATOL:
     fused_sched.AdamW's parity with torch's for-loop AdamW). The gradients are given, not computed, so the two parts
     do not feed each other's differences."""

@@ -9,4 +9,15 @@ from .sgd import SGD
 from .sgd8bit import SGD8bit
 from .state_format import to_torch_state_dict
 
-__all__ = ["Adam", "AdamW", "SGD", "Muon", "MuonWithAdamW", "muon_param_groups", "Adam8bit", "AdamW8bit", "SGD8bit", "to_torch_state_dict"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "Muon",
+    "MuonWithAdamW",
+    "muon_param_groups",
+    "Adam8bit",
+    "AdamW8bit",
+    "SGD8bit",
+    "to_torch_state_dict",
+]
