@@ -94,6 +94,25 @@ def test_two_groups_with_their_own_settings():
     _assert_muon_close(ours, ref, 0.05 * 8)
 
 
+def test_settings_changed_between_steps_apply_at_the_next_step():
+    """ns_steps, ns_coefficients, adjust_lr_fn and eps are in no hyper row: the plan follows them anyway."""
+    grads = _grads(SHAPES, 6)
+    ref, ours = _params(), _params()
+    torch_opt, opt = torch.optim.Muon(ref, lr=0.02), fused_sched.Muon(ours, lr=0.02)
+    _train(torch_opt, ref, grads[:3])
+    _train(opt, ours, grads[:3])
+    for o in (torch_opt, opt):
+        o.param_groups[0].update(ns_steps=2, ns_coefficients=(3.0, -4.0, 2.0), adjust_lr_fn="match_rms_adamw")
+    _train(torch_opt, ref, grads[3:])
+    _train(opt, ours, grads[3:])
+    _assert_muon_close(ours, ref, 0.02 * 6, "match_rms_adamw")
+    opt.param_groups[0]["ns_steps"] = 100
+    for p, g in zip(ours, grads[0], strict=True):
+        p.grad = g
+    with pytest.raises(ValueError, match="less than 100"):
+        opt.step()
+
+
 def test_state_dict_loads_both_ways():
     grads = _grads(SHAPES, 6)
     kwargs = dict(lr=0.02, momentum=0.9)

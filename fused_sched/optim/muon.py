@@ -82,6 +82,14 @@ def check_muon_params(params, flatten: bool) -> None:
                              + hint)
 
 
+def _muon_key(group: dict):
+    """What of a Muon group's settings decides its plan (shape groups, lr ratios) beside its row."""
+    if not group.get("use_muon", True):  # an AdamW group of MuonWithAdamW
+        return None
+    return (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"], group["adjust_lr_fn"],
+            group["flatten"])
+
+
 class Muon(FusedOptimizer):
     r"""Muon: momentum, Newton-Schulz orthogonalization of each matrix's update, decoupled weight decay, as
     torch.optim.Muon.
@@ -155,6 +163,7 @@ class Muon(FusedOptimizer):
             "adjust_lr_fn": adjust_lr_fn,
             "flatten": flatten,
         }
+        self._muon_keys = None
         super().__init__(params, defaults, backend, max_grad_norm)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -168,6 +177,7 @@ class Muon(FusedOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._muon_keys = None
         for group in self.param_groups:
             group.setdefault("flatten", False)
 
@@ -180,10 +190,18 @@ class Muon(FusedOptimizer):
         check_muon_params([p], group["flatten"])
         super()._check_param(p, group)
 
-    def _plan_key(self, group: dict) -> tuple:
-        # The Newton-Schulz settings and the flattening decide the plan's shape groups and lr ratios.
-        return (*super()._plan_key(group), tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"],
-                group["adjust_lr_fn"], group["flatten"])
+    def _current_rows(self) -> list:
+        # The Newton-Schulz settings, adjust_lr_fn and flatten are in no hyper row: the plan (its shape groups and
+        # lr ratios) follows them through their own key, checked at every step like the rows.
+        rows = super()._current_rows()
+        keys = [_muon_key(g) for g in self.param_groups]
+        if keys != self._muon_keys:
+            for group in self.param_groups:
+                self._validate_group(group, at_step=True)
+            if self._muon_keys is not None:
+                self._plan = None
+            self._muon_keys = keys
+        return rows
 
     def _row(self, group: dict) -> tuple:
         return muon_row(group)

@@ -149,11 +149,6 @@ class MuonWithAdamW(Muon):
     def _momentum_column_of(self, group: dict) -> int:
         return _hyper.MOMENTUM if group.get("use_muon", True) else _hyper.BETA1
 
-    def _plan_key(self, group: dict) -> tuple:
-        if group["use_muon"]:
-            return super()._plan_key(group)
-        return FusedOptimizer._plan_key(self, group)
-
     def _run_bucket(self, bucket: Bucket, hyper: torch.Tensor, amp: dict) -> None:
         if bucket.family == "adam":
             AdamW._run_bucket(self, bucket, hyper, amp)
