@@ -1,10 +1,10 @@
 """Triton kernels of the fused optimizer step: one launch updates every tensor of one (device, dtype) bucket.
 
 Modules: one per optimizer family, each with its block update, its kernel over a bucket's chunks, its launcher and
-its custom op (``adam.py``, ``sgd.py``; the norm pass of fused clipping: ``grad_norm.py``); what they share:
-``step_common.py`` (jit helpers), ``state_format.py`` (the low-memory state formats' rules), ``launch.py`` (checks,
-grid, configuration, tensor-list tables), ``schedule.py`` and ``libm.py`` (the device schedule), ``runner.py`` (the
-eager runner and its table of launchers).
+its custom op (``adam.py``, ``sgd.py``, ``muon.py``: Muon's two elementwise passes; the norm pass of fused clipping:
+``grad_norm.py``); what they share: ``step_common.py`` (jit helpers), ``state_format.py`` (the low-memory state
+formats' rules), ``launch.py`` (checks, grid, configuration, tensor-list tables), ``schedule.py`` and ``libm.py``
+(the device schedule), ``runner.py`` (the eager runner and its table of launchers).
 
 Design
 ------

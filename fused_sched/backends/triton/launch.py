@@ -50,7 +50,10 @@ def _check_step_scalar(t, name, dtype, device):
 
 def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK, CHUNK,
             num_warps, grad_scale=None, found_inf=None, clip_coef=None, step_advance=None, sr_seed=0,
-            QBLOCK=None, HAS_FORMATS=True):
+            QBLOCK=None, HAS_FORMATS=True, constexprs=None):
+    # constexprs: what one family's kernel alone takes on top of the common arguments (Muon: PHASE); part of the
+    # specialization, so each value gets its own resident-program cap.
+    constexprs = constexprs or {}
     if QBLOCK is None:
         # No 8-bit rows to fit (the list ops, direct calls): the default block size, or the largest that fits.
         QBLOCK = min(DEFAULT_QBLOCK, max(BLOCK // 2, QBLOCK_SIZES[0]))
@@ -77,7 +80,8 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
     # At least one program even without chunks (a bucket of empty tensors): the steps must still advance.
     grid = max(1, min(num_programs, n_chunks))
     specialization = (kernel.fn.__name__, param_dtype, schedule is None, grad_scale is None, found_inf is None,
-                      clip_coef is None, BLOCK, CHUNK, QBLOCK, HAS_FORMATS, num_warps, hyper.device)
+                      clip_coef is None, BLOCK, CHUNK, QBLOCK, HAS_FORMATS, num_warps, hyper.device,
+                      tuple(sorted(constexprs.items())))
     cap = _RESIDENT_PROGRAMS.get(specialization)
     if cap is not None:
         grid = min(grid, cap)
@@ -87,7 +91,7 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
         grad_scale, found_inf, clip_coef, step_advance, *_seed_halves(sr_seed),
         PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=BLOCK, CHUNK=CHUNK, QBLOCK=QBLOCK, ROW_BLOCK=_ROW_BLOCK,
         HAS_SCHEDULE=schedule is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        HAS_CLIP=clip_coef is not None, HAS_FORMATS=HAS_FORMATS,
+        HAS_CLIP=clip_coef is not None, HAS_FORMATS=HAS_FORMATS, **constexprs,
         num_warps=num_warps,
         # optim_math.h rounds a multiply-add once only where it says so (the tl.fma calls); no other may fuse.
         enable_fp_fusion=False,
@@ -97,7 +101,8 @@ def _launch(kernel, table, chunks, hyper, counter, param_dtype, num_programs, sc
 
 
 #: Persistent programs that a specialization's compiled kernel keeps resident on the whole device, by
-#: (kernel, dtype, optional inputs, BLOCK, CHUNK, QBLOCK, num_warps, device): found at its first launch.
+#: (kernel, dtype, optional inputs, BLOCK, CHUNK, QBLOCK, num_warps, device, the family's own constexprs): found
+#: at its first launch.
 _RESIDENT_PROGRAMS: dict = {}
 
 

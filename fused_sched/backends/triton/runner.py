@@ -4,11 +4,11 @@ Eager path (the optimizers): ``TritonBucketRunner`` keeps the bucket's address t
 counter on the device (``device_tables.DeviceTables``: uploaded only when an address changes), and one launch
 updates the whole bucket.
 
-Registered ops: ``torch.ops.fused_sched.triton_adam_step_`` / ``triton_sgd_step_`` take the C++ ops' arguments
-(tensor lists, schedule, master weights, GradScaler and clipping inputs) and declare what they mutate, and
-``triton_grad_norm_clip`` runs a fused clip's norm pass: torch.compile treats them as opaque custom ops, and the
-optimizers' compiled step calls them (fused_sched/optim/_compiled.py). They build the tables on every call, so the
-eager step uses the runner instead.
+Registered ops: ``torch.ops.fused_sched.triton_adam_step_`` / ``triton_sgd_step_`` / ``triton_muon_step_`` take
+the C++ ops' arguments (tensor lists, schedule, master weights, GradScaler and clipping inputs) and declare what
+they mutate, and ``triton_grad_norm_clip`` runs a fused clip's norm pass: torch.compile treats them as opaque
+custom ops, and the optimizers' compiled step calls them (fused_sched/optim/_compiled.py). They build the tables on
+every call, so the eager step uses the runner instead.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from ..device_tables import COL_FORMAT, DeviceTables, NormWorkspace
 from .adam import launch_adam
 from .grad_norm import launch_grad_norm
 from .launch import DEFAULT_QBLOCK, QBLOCK_SIZES, _launch_config
+from .muon import launch_muon
 from .sgd import launch_sgd
 
 #: The launcher of each optimizer family (FusedOptimizer._algorithm): one line per optimizer.
 LAUNCHERS = {
     "adam": launch_adam,
     "sgd": launch_sgd,
+    "muon": launch_muon,
 }
 
 
@@ -60,7 +62,7 @@ class TritonBucketRunner(DeviceTables):
         super()._rebuild(host)
 
     def _launch(self, hyper: torch.Tensor, **options) -> None:
-        """adam.launch_adam / sgd.launch_sgd."""
+        """adam.launch_adam / sgd.launch_sgd / muon.launch_muon (options: Muon's ``phase``)."""
         self.launcher(self.table, self.chunks, hyper, self.counter, self.dtype, self.config["num_programs"],
                       BLOCK=self.config["BLOCK"], CHUNK=self.config["CHUNK"], QBLOCK=self.block_size,
                       HAS_FORMATS=self.has_formats, **options)
