@@ -9,7 +9,8 @@ launcher asks for.
 Triton: every specialization the launchers (fused_sched/backends/triton/) can
 produce, i.e. adam_kernel and sgd_kernel for 3 parameter dtypes x {schedule, GradScaler scale, found_inf, clip}
 (48 each), grad_norm_kernel for 3 dtypes x 4 norm kinds x {scale, finalize} (48) and the schedule evaluator:
-145 per architecture, compiled with ``triton.compile`` for a ``GPUTarget`` of sm_90 and sm_80, with the options
+145 per architecture; and muon_kernel for its 2 passes x 3 dtypes x the fewest and the most inputs (12, see
+``muon_specializations``), compiled with ``triton.compile`` for a ``GPUTarget`` of sm_90 and sm_80, with the options
 the launchers pass (num_warps, enable_fp_fusion=False) and the divisibility-by-16 that Triton gives the pointer
 arguments of torch tensors. Triton picks its own ptxas per architecture; the cubins are read with the
 cuobjdump shipped beside it (-res-usage, -sass). CUDA: each csrc/cuda/*.cu compiled with the project's nvcc
@@ -35,13 +36,16 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
-from .kernel_machine_code import FORMATTED, ROOT, cuda_rows, triton_rows
+from . import kernel_machine_code
+from .kernel_machine_code import FORMATTED, ROOT, cuda_rows, triton_specializations
 
 RESULTS = os.path.join(ROOT, "bench", "results", "kernel-resources.md")
 #: The oldest and the newest triton the project supports (README: triton 3.6-3.9).
@@ -85,7 +89,7 @@ def summary(rows: list[dict]) -> str:
 
 
 #: Triton's step kernels, which must move their elements in 16-byte vectors.
-STEP_KERNELS = ("adam_kernel", "sgd_kernel")
+STEP_KERNELS = ("adam_kernel", "sgd_kernel", "muon_kernel")
 
 
 #: A call frame: registers a kernel saves around the compiler's own subroutines (the slow paths of IEEE float64
@@ -135,6 +139,59 @@ def problems(rows: list[dict]) -> list[str]:
     return found
 
 
+# -- Muon --------------------------------------------------------------------------------------------------------
+def muon_specializations():
+    """muon_kernel's launches: each pass (PHASE 0, the momentum pass; 1, the update pass) for 3 parameter dtypes,
+    with the fewest inputs and with all four (schedule, GradScaler scale, found_inf, clip): every other set of
+    inputs compiles a subset of the latter's code. Labelled like the other step kernels, the pass last."""
+    import triton.language as tl
+
+    from fused_sched.backends.triton import launch, step_common
+
+    sig = {"table_ptr": "*i64", "chunks_ptr": "*i64", "hyper_ptr": "*fp64", "counter_ptr": "*i32", "n_rows": "i32",
+           "n_chunks": "i32", "schedule_ptr": "*fp64", "segments": "i32", "schedule_step_ptr": "*fp64",
+           "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32",
+           "step_advance_ptr": "*fp64", "seed_lo": "i32", "seed_hi": "i32"}
+    absent = {"schedule_ptr": None, "schedule_step_ptr": None, "grad_scale_ptr": None, "found_inf_ptr": None,
+              "clip_coef_ptr": None}
+    specs = []
+    for phase, (dname, dtype), every in itertools.product(
+            (0, 1), {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}.items(), (False, True)):
+        # As launch_muon launches it: HAS_FORMATS False, QBLOCK the default for the default BLOCK (unused).
+        consts = {"PARAM_DTYPE": dtype, "BLOCK": step_common.DEFAULT_BLOCK, "CHUNK": step_common.DEFAULT_CHUNK,
+                  "ROW_BLOCK": step_common._ROW_BLOCK, "HAS_SCHEDULE": every, "HAS_SCALE": every,
+                  "HAS_FOUND_INF": every, "HAS_CLIP": every, "QBLOCK": launch.DEFAULT_QBLOCK, "HAS_FORMATS": False,
+                  "PHASE": phase, **({} if every else absent)}
+        label = f"{dname} {'SGFC' if every else '-'} {('momentum', 'update')[phase]}"
+        specs.append(("muon_kernel", label, sig, consts, step_common.DEFAULT_NUM_WARPS, launch._PROGRAMS_PER_SM))
+    return specs
+
+
+_BASE_KERNEL_FN = kernel_machine_code._kernel_fn
+
+
+def _kernel_fn(name):
+    """kernel_machine_code._kernel_fn, which looks in adam, sgd, grad_norm and schedule, and muon.py."""
+    from fused_sched.backends.triton import muon
+
+    return getattr(muon, name) if hasattr(muon, name) else _BASE_KERNEL_FN(name)
+
+
+def _compile_one(job):
+    """kernel_machine_code._compile_one with muon_kernel found too: the lookup is swapped in the pool's process
+    that runs the job (whatever the start method, no other process sees it)."""
+    kernel_machine_code._kernel_fn = _kernel_fn
+    return kernel_machine_code._compile_one(job)
+
+
+def triton_rows(archs, jobs: int, kernels=None) -> list[dict]:
+    """kernel_machine_code.triton_rows and the Muon kernel's; kernels: names to keep (None: all)."""
+    specs = triton_specializations() + muon_specializations()
+    work = [(*spec, arch) for arch in archs for spec in specs if kernels is None or spec[0] in kernels]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_one, work, chunksize=4))
+
+
 def _triton_folder(version: str) -> str:
     """A folder holding triton==version (pip --target, cached): put first on sys.path by the worker."""
     cache = os.environ.get("FUSED_SCHED_TRITON_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
@@ -146,7 +203,7 @@ def _triton_folder(version: str) -> str:
     return folder
 
 
-def run_version(version: str | None, archs, jobs: int) -> tuple[str, list[dict]]:
+def run_version(version: str | None, archs, jobs: int, kernels=None) -> tuple[str, list[dict]]:
     """Compile every Triton specialization with triton `version` (None: the installed one) in a subprocess."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
@@ -157,6 +214,8 @@ def run_version(version: str | None, archs, jobs: int) -> tuple[str, list[dict]]
     cmd = [sys.executable, "-m", "bench.kernel_resources", "--worker", "--jobs", str(jobs)]
     for a in archs:
         cmd += ["--arch", str(a)]
+    for k in kernels or ():
+        cmd += ["--kernel", k]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"triton {version or 'installed'}: the worker failed:\n{done.stderr[-3000:]}")
@@ -173,13 +232,15 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA kernels")
+    parser.add_argument("--kernel", action="append", help="only these Triton kernels (e.g. muon_kernel); with "
+                        "--out '' nothing is written")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
     if args.worker:
         import triton
 
-        rows = triton_rows(archs, args.jobs)
+        rows = triton_rows(archs, args.jobs, args.kernel)
         print(json.dumps({"triton": triton.__version__, "rows": rows}))
         return 0
     versions = args.triton or (list(SUPPORTED_TRITONS) if args.check else [None])
@@ -187,7 +248,7 @@ def main(argv=None) -> int:
     sections, every = [], []
     for version in versions:
         began = time.time()
-        actual, rows = run_version(version, archs, args.jobs)
+        actual, rows = run_version(version, archs, args.jobs, args.kernel)
         for r in rows:
             r["source"] = f"triton {actual}"
         every += rows

@@ -166,14 +166,18 @@ def muon_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
             decay = (1.0 - lr * tl.load(h + 4)).to(tl.float32)
             # -(lr * lr_ratio): a multiply by -1 (Triton's unary minus is 0 - x, which loses the sign of a zero).
             neg_adjusted_lr = ((lr * lr_ratio) * -1.0).to(tl.float32)
+            # A 16-bit param leaves the update pass two 16-bit streams: BLOCK elements (4 per thread at 512 and 4
+            # warps) would move in 8-byte loads (bench.kernel_resources), so such a pass takes twice as many per
+            # iteration, 16 bytes per thread, where the chunks keep those blocks aligned.
+            UB: tl.constexpr = 2 * BLOCK if PARAM_DTYPE != tl.float32 and CHUNK % (2 * BLOCK) == 0 else BLOCK
             aligned = ((param_address | work_address) & 15) == 0
-            full_end = tl.where(aligned, start + (end - start) // BLOCK * BLOCK, start)
-            for off in range(start, full_end, BLOCK):
-                off = tl.multiple_of(off, BLOCK)
+            full_end = tl.where(aligned, start + (end - start) // UB * UB, start)
+            for off in range(start, full_end, UB):
+                off = tl.multiple_of(off, UB)
                 _muon_update_block(tl.multiple_of(param_ptr, 16), tl.multiple_of(work_ptr, 16), off, end, decay,
-                                   neg_adjusted_lr, PARAM_DTYPE, BLOCK, True)
-            for off in range(full_end, end, BLOCK):
-                _muon_update_block(param_ptr, work_ptr, off, end, decay, neg_adjusted_lr, PARAM_DTYPE, BLOCK, False)
+                                   neg_adjusted_lr, PARAM_DTYPE, UB, True)
+            for off in range(full_end, end, UB):
+                _muon_update_block(param_ptr, work_ptr, off, end, decay, neg_adjusted_lr, PARAM_DTYPE, UB, False)
 
     # step_advance: "a step ran", written by the update pass alone, and not when found_inf skipped it. No step or
     # flag of the table changes, so no program waits for the others (no ticket): program 0 writes it.
