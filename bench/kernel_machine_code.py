@@ -163,9 +163,9 @@ def triton_specializations():
 
 
 def _kernel_fn(name):
-    from fused_sched.backends.triton import adam, grad_norm, schedule, sgd
+    from fused_sched.backends.triton import adam, grad_norm, muon, schedule, sgd
 
-    return next(getattr(m, name) for m in (adam, sgd, grad_norm, schedule) if hasattr(m, name))
+    return next(getattr(m, name) for m in (adam, sgd, muon, grad_norm, schedule) if hasattr(m, name))
 
 
 def _compile_one(job):

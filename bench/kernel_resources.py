@@ -167,29 +167,12 @@ def muon_specializations():
     return specs
 
 
-_BASE_KERNEL_FN = kernel_machine_code._kernel_fn
-
-
-def _kernel_fn(name):
-    """kernel_machine_code._kernel_fn, which looks in adam, sgd, grad_norm and schedule, and muon.py."""
-    from fused_sched.backends.triton import muon
-
-    return getattr(muon, name) if hasattr(muon, name) else _BASE_KERNEL_FN(name)
-
-
-def _compile_one(job):
-    """kernel_machine_code._compile_one with muon_kernel found too: the lookup is swapped in the pool's process
-    that runs the job (whatever the start method, no other process sees it)."""
-    kernel_machine_code._kernel_fn = _kernel_fn
-    return kernel_machine_code._compile_one(job)
-
-
 def triton_rows(archs, jobs: int, kernels=None) -> list[dict]:
     """kernel_machine_code.triton_rows and the Muon kernel's; kernels: names to keep (None: all)."""
     specs = triton_specializations() + muon_specializations()
     work = [(*spec, arch) for arch in archs for spec in specs if kernels is None or spec[0] in kernels]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(_compile_one, work, chunksize=4))
+        return list(pool.map(kernel_machine_code._compile_one, work, chunksize=4))
 
 
 def _triton_folder(version: str) -> str:

@@ -27,7 +27,7 @@ def momentum_pass(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nester
 
 def update_pass(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, lr_ratio: float):
     """The param after torch.optim.Muon's two in-place ops, given the orthogonalized bfloat16 update."""
-    p = param.float()
+    p = param.to(torch.float32, copy=True)  # param.float() of a float32 param is the param itself
     p.mul_(1 - lr * weight_decay)
     p.add_(update, alpha=-(lr * lr_ratio))  # torch.optim.Muon: param.add_(update, alpha=-adjusted_lr)
     return p.to(param.dtype)

@@ -29,7 +29,7 @@ MAX_PYTHON_LINES = 400
 MAX_CPP_LINES = 500
 
 # Every optimizer family, and the file each tree holds for it. A new optimizer adds its name here and its files.
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "muon")
 ONE_NAME_FILES = [
     "fused_sched/optim/{name}.py",
     "fused_sched/backends/triton/{name}.py",
@@ -183,7 +183,8 @@ def test_every_optimizer_family_has_its_launchers():
     from fused_sched.backends import cuda_backend
     from fused_sched.backends.triton import runner
 
-    families = {cls._algorithm for cls in (fused_sched.AdamW, fused_sched.Adam, fused_sched.SGD)}
+    families = {cls._algorithm for cls in (fused_sched.AdamW, fused_sched.Adam, fused_sched.SGD, fused_sched.Muon,
+                                           fused_sched.MuonWithAdamW)}
     assert families == set(OPTIMIZERS)
     assert set(runner.LAUNCHERS) == families
     assert set(cuda_backend.LAUNCHERS) == families
