@@ -235,5 +235,15 @@ def render(header: str, record: dict, device_type: str) -> str:
 
         parts.append(format_convergence(convergence) if "runs" in convergence
                      else f"State-format convergence: {convergence['error']}")
+    if record.get("muon"):
+        from .muon import format_muon
+
+        parts.append(format_muon(record["muon"], device_type))
+    muon_convergence = record.get("muon_convergence")
+    if muon_convergence:
+        from .convergence import format_muon_convergence
+
+        parts.append(format_muon_convergence(muon_convergence) if "runs" in muon_convergence
+                     else f"\nMuon convergence: {muon_convergence['error']}")
     parts.append(f"\nsuite time {record['elapsed_s']:.0f} s")
     return "\n".join(parts)

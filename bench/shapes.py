@@ -3,7 +3,15 @@
 
 def gpt2_124m() -> list[tuple[int, ...]]:
     """GPT-2 small (124M parameters, 148 tensors): token and position embeddings, 12 blocks, final LayerNorm."""
-    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    return gpt2()
+
+
+GPT2_LAYERS = 12
+
+
+def gpt2(layers: int = GPT2_LAYERS, d: int = 768, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
+    """A GPT-2-style model (the head tied to the token embedding); the defaults are GPT-2 small's. `layers` < 12
+    gives the embeddings, that many blocks and the final LayerNorm (the Muon rows on a CPU)."""
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(layers):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
@@ -49,3 +57,8 @@ def llama_7b(layers: int = LLAMA_7B_LAYERS) -> list[tuple[int, ...]]:
 def tiny() -> list[tuple[int, ...]]:
     """A few small tensors for smoke tests of the benchmark machinery."""
     return [(64, 32), (32,), (1000,), (7,), (16, 16)]
+
+
+def tiny_gpt() -> list[tuple[int, ...]]:
+    """A two-block GPT-2-style shape list of a few thousand elements, for smoke tests of the Muon rows."""
+    return gpt2(layers=2, d=32, vocab=64, ctx=16)

@@ -6,6 +6,7 @@ device is present, plus an end-to-end training check.
     python -m bench --quick                  # fewer rounds, smaller scaled cases, a shorter end-to-end run
     python -m bench --case gpt2-124m --case many-small --steps 20
     python -m bench --full                   # the 1B case unscaled on a CPU too (implementations in turn)
+    python -m bench --muon-only              # only the Muon rows (bench/muon.py) and the Muon convergence check
 
 Cases: GPT-2 124M float32 (148 tensors); a Llama-style 1B (Llama-3.2-1B shapes) with bfloat16 parameters and
 gradients (fused_sched keeps float32 states; torch keeps its states in the parameter dtype); 2000 tensors of 4096
@@ -13,7 +14,10 @@ elements; on a GPU, a Llama-2-7B-sized shard (as many of its blocks as the free 
 is scaled to 1/8 by default (2 of 16 blocks, 1/8 of the vocabulary rows; every tensor keeps its shape): a full copy
 of parameters, gradients and states per implementation would not fit in the CI machine's 24 GiB, and the whole
 suite must stay within minutes. Cases whose implementations do not fit in memory together run them one at a time
-(states freed in between); the output says which.
+(states freed in between); the output says which. Then the Muon rows of the GPT-2 and 1B cases (bench/muon.py:
+torch.optim.Muon + torch.optim.AdamW against fused_sched.MuonWithAdamW; on a CPU 1 of GPT-2's 12 blocks, the 1B
+model with --muon-blocks only) and, after the end-to-end check, the convergence checks (bench/convergence.py: the
+state formats, then Muon).
 
 Output: a markdown table on stdout (also saved as .md), a JSON record (device, torch / triton / CUDA versions,
 commit, date, every number) and a PNG chart under bench/results/, a progress bar on stderr. Targets of issue 5 are
@@ -111,7 +115,13 @@ def parse_args(argv):
                         help="seconds allowed to torch.compile's warm-up calls per case (then it is skipped)")
     parser.add_argument("--compile-max-tensors", type=int, default=500,
                         help="do not attempt torch.compile on cases with more tensors")
-    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end GPT check")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end GPT check and the convergence "
+                        "checks")
+    parser.add_argument("--no-muon", action="store_true", help="skip the Muon rows and the Muon convergence check")
+    parser.add_argument("--muon-only", action="store_true", help="only the Muon rows of the cases (gpt2-124m, "
+                        "llama-1b, tiny) and the Muon convergence check")
+    parser.add_argument("--muon-blocks", type=int, help="blocks of each model in the Muon rows (default: all on a "
+                        "GPU; on a CPU 1 of GPT-2's, the 1B model not run)")
     parser.add_argument("--e2e-steps", type=int, help="end-to-end training steps (default 300, --quick 100)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="folder of the JSON record, the markdown and the chart")
@@ -149,7 +159,7 @@ def main(argv=None) -> dict:
     record = {"benchmark": "suite", **env, "argv": sys.argv[1:] if argv is None else list(argv),
               "settings": {k: v for k, v in vars(args).items() if k not in ("explicit_7b", "compile_timeout")},
               "cases": cases, "case_info": [], "notes": [], "rows": [], "skipped": [], "targets": [], "e2e": None,
-              "convergence": None,
+              "convergence": None, "muon": None, "muon_convergence": None,
               "interrupted": False}
     header = (f"# fused_sched benchmark suite on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
               f"CUDA {env['cuda']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']}")
@@ -160,7 +170,7 @@ def main(argv=None) -> dict:
         return math.inf if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
 
     try:
-        for name in cases:
+        for name in [] if args.muon_only else cases:
             if left() < 30:
                 record["skipped"].append({"case": name, "impl": "(whole case)",
                                           "reason": f"--time-limit {args.time_limit:.0f} s reached"})
@@ -174,7 +184,19 @@ def main(argv=None) -> dict:
             record["rows"] += rows
             record["skipped"] += skipped
             report.write_json(base + ".json", record)  # partial results survive an interrupted run
-        if args.no_e2e:
+        if args.no_muon:
+            pass
+        elif left() < 30:
+            record["muon"] = {"error": f"not run: --time-limit {args.time_limit:.0f} s reached"}
+        else:
+            from .muon import run_muon
+
+            try:
+                record["muon"] = run_muon(cases, device, args, progress, left)
+            except Exception as exc:  # noqa: BLE001
+                record["muon"] = {"error": failure_reason(exc)}
+            report.write_json(base + ".json", record)
+        if args.no_e2e or args.muon_only:
             pass
         elif left() < 30:
             record["e2e"] = {"error": f"not run: --time-limit {args.time_limit:.0f} s reached"}
@@ -196,6 +218,15 @@ def main(argv=None) -> dict:
                     record["convergence"] = run_convergence(device, args.e2e_steps, progress=progress)
                 except Exception as exc:  # noqa: BLE001
                     record["convergence"] = {"error": failure_reason(exc)}
+        if not (args.no_e2e or args.no_muon) and left() >= 30:
+            from .convergence import MUON_RUNS, run_muon_convergence
+
+            progress.describe("Muon convergence")
+            progress.add(MUON_RUNS)
+            try:
+                record["muon_convergence"] = run_muon_convergence(device, args.e2e_steps, progress=progress)
+            except Exception as exc:  # noqa: BLE001
+                record["muon_convergence"] = {"error": failure_reason(exc)}
     except KeyboardInterrupt:
         record["interrupted"] = True
         record["notes"].append("interrupted: the record holds the cases completed before the interrupt")

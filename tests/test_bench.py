@@ -21,7 +21,7 @@ def _run(tmp_path, *extra):
 
 
 def test_suite_writes_table_json_and_chart(tmp_path, capsys):
-    record = _run(tmp_path, "--e2e-steps", "6", "--stamp", "smoke")
+    record = _run(tmp_path, "--e2e-steps", "6", "--stamp", "smoke", "--no-muon")  # Muon: its own tests below
     out = capsys.readouterr().out
 
     assert "| case | impl | median ms | p20 ms | p80 ms | GB/s | of copy |" in out
@@ -84,7 +84,7 @@ def test_implementations_run_one_at_a_time_when_they_do_not_fit_together(tmp_pat
         return one_at_a_time  # enough for one implementation, not for all of them
 
     monkeypatch.setattr(suite, "memory_budget", budget)
-    record = _run(tmp_path, "--no-e2e", "--no-plot", "--impl", "fused", "--impl", "foreach")
+    record = _run(tmp_path, "--no-e2e", "--no-muon", "--no-plot", "--impl", "fused", "--impl", "foreach")
     assert {r["mode"] for r in record["rows"]} == {"one at a time"}
     assert {r["impl"] for r in record["rows"]} == {report.COPY_IMPL, "torch foreach", "torch fused",
                                                    "torch fused, tensor lr"} | FUSED_SCHED_IMPLS
@@ -145,3 +145,92 @@ def test_large_model_recipes_run_and_record(tmp_path, capsys):
     record = json.loads(next(tmp_path.glob("large-model-*.json")).read_text())
     assert record["case"] == "tiny" and record["rows"] == rows and record["commit"]
     assert "| clip | fused_sched max_grad_norm |" in capsys.readouterr().out
+
+
+# -- Muon rows (bench/muon.py) and the Muon convergence check ------------------------------------------------------
+MUON_IMPLS = {"muon: torch Muon + torch AdamW", "muon: torch Muon + torch AdamW fused",
+              "muon: fused_sched cpu MuonWithAdamW"}
+
+
+def test_muon_rows_and_convergence_in_the_suite(tmp_path, capsys, monkeypatch):
+    from functools import partial
+
+    from bench import convergence
+    from bench.muon import muon_split
+    from bench.shapes import tiny_gpt
+
+    monkeypatch.setattr(convergence, "TinyGPT", partial(convergence.TinyGPT, d=32, heads=2, layers=1))  # seconds
+    record = _run(tmp_path, "--muon-only", "--e2e-steps", "4", "--no-plot", "--stamp", "muon")
+    out = capsys.readouterr().out
+    assert record["rows"] == [] and record["e2e"] is None and record["convergence"] is None  # --muon-only
+    assert "## Muon: torch.optim.Muon + torch.optim.AdamW" in out
+    assert "| tiny-gpt fp32 | 28 | 8 | 4 | 20 |" in out  # tensors, Muon matrices, distinct shapes, AdamW tensors
+    muon = json.loads((tmp_path / "suite-cpu-muon.json").read_text())["muon"]
+    rows = {r["impl"]: r for r in muon["rows"]}
+    assert set(rows) == MUON_IMPLS
+    shapes = tiny_gpt()
+    split = muon_split(shapes)
+    matrices = sum(torch.Size(s).numel() for s, m in zip(shapes, split, strict=True) if m)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    # float32 momentum for the matrices, two float32 moments for the rest, plus step counters (a few bytes)
+    floor = (4 * matrices + 8 * (numel - matrices)) / numel
+    for name, r in rows.items():
+        assert set(report.ROW_KEYS) <= set(r)
+        assert r["case"] == "tiny" and r["steps"] == 2 and r["numel"] == numel
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["ops_per_step"] >= 1
+        assert r["launches_per_step"] is None and r["syncs_per_step"] is None  # no device: n/a, not 0
+        assert (r["muon_tensors"], r["distinct_shapes"], r["adamw_tensors"]) == (8, 4, 20)
+        assert floor <= r["state_bytes_per_param"] < floor + 0.05, name
+        assert r["speedup_vs_torch_muon"] > 0 and r["speedup_vs_best_torch"] > 0
+    assert rows["muon: torch Muon + torch AdamW"]["speedup_vs_torch_muon"] == 1.0
+    assert [t["impl"] for t in muon["targets"]] == ["muon: fused_sched cpu MuonWithAdamW"] * 2
+    assert "## Muon convergence" in out
+
+    conv = record["muon_convergence"]
+    assert [r["run"] for r in conv["runs"]] == ["torch Muon + torch AdamW", "torch Muon + torch AdamW fused "
+                                                "(reference)", "fused_sched cpu MuonWithAdamW"]
+    base = conv["runs"][0]["losses"]
+    for r in conv["runs"]:
+        assert len(r["losses"]) == 4 and r["step_ms"] > 0
+        gaps = [abs(r["losses"][s - 1] - base[s - 1]) / base[s - 1] for s in conv["logged_steps"]]
+        assert r["logged_relative_diff"] == pytest.approx(gaps) and max(gaps) <= 0.01
+    assert conv["within_target"] is True
+
+
+def test_muon_convergence_logs_every_step_within_one_percent():
+    from bench.convergence import format_muon_convergence, run_muon_convergence
+
+    result = run_muon_convergence(torch.device("cpu"), steps=8, log_every=3, d=32, heads=2, layers=1)
+    assert result["logged_steps"] == [1, 4, 7, 8]
+    torch_run, fused = result["runs"][0], result["runs"][-1]
+    assert fused["run"] == "fused_sched cpu MuonWithAdamW"
+    assert torch_run["losses"][-1] < torch_run["losses"][0]  # it trains
+    for step, gap in zip(result["logged_steps"], fused["logged_relative_diff"], strict=True):
+        a, b = fused["losses"][step - 1], torch_run["losses"][step - 1]
+        assert gap == pytest.approx(abs(a - b) / b) and gap <= 0.01
+    assert result["within_target"] is True
+    text = format_muon_convergence(result)
+    assert "| 8 |" in text and "every logged step within 1%" in text
+
+
+def test_muon_ops_grow_with_distinct_shapes_not_matrices():
+    """Three blocks have three times the matrices of one block and the same four shapes: fused_sched's ops per step
+    stay the same, torch's grow."""
+    from bench.measure import profile_phase
+    from bench.muon import muon_candidates
+    from bench.shapes import gpt2
+
+    ops = {}
+    for layers in (1, 3):
+        shapes = gpt2(layers, d=32, vocab=64, ctx=16)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        impls, _ = muon_candidates(torch.device("cpu"), shapes)
+        for impl in impls:
+            built = impl.build(params)
+            built.phase()  # the first step builds states and plans
+            ops[impl.name, layers] = profile_phase(built.phase, torch.device("cpu"), steps=1)["ops_per_step"]
+    fused, torch_pair = "muon: fused_sched cpu MuonWithAdamW", "muon: torch Muon + torch AdamW"
+    assert ops[fused, 3] == ops[fused, 1]
+    assert ops[torch_pair, 3] >= ops[torch_pair, 1] + 8 * 10  # 8 more matrices, a Newton-Schulz each
