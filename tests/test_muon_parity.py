@@ -319,3 +319,17 @@ def test_rejected_step_changes_nothing():
     _assert_equal([p.detach() for p in params], saved)
     _assert_equal([opt.state[p]["momentum_buffer"] for p in params], buffers)
     assert complex_param not in opt.state
+
+
+def test_compiled_step_runs_the_eager_one():
+    """torch.compile of a function calling opt.step(): Muon's step runs eagerly inside it (one graph break) and gives
+    the eager bits."""
+    compiled_params, eager_params = _params(), _params()
+    compiled_opt, eager_opt = fused_sched.Muon(compiled_params, lr=0.02), fused_sched.Muon(eager_params, lr=0.02)
+    step = torch.compile(compiled_opt.step)
+    for grads in _grads(SHAPES, 3):
+        for p, q, g in zip(compiled_params, eager_params, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        step()
+        eager_opt.step()
+    _assert_equal(compiled_params, eager_params)
