@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fused_sched
-from distributed_cases import STEPS, _assert_same_on_every_rank, _batches, _local, _run
+from distributed_cases import STEPS, _assert_same_on_every_rank, _batches, _local, _run, _train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -85,19 +85,6 @@ def _optimizer(kind: str, model: nn.Module):
     return fused_sched.MuonWithAdamW(fused_sched.muon_param_groups(model), **MIXED)
 
 
-def _train(model, opt, rank: int, steps: int, start: int = 0, sched=None) -> list[float]:
-    losses = []
-    for x, y in _batches(rank, steps, start):
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 def _one_process(kind: str, steps: int = STEPS):
     """The same optimizer in one process stepping the average of the ranks' gradients (each rank's batch through
     the unsharded model, summed, divided by the world size, as the collectives average them: exact for 2 ranks)."""
@@ -145,7 +132,7 @@ def _ddp_worker(rank: int) -> None:
     for kind in ("muon", "mixed"):
         model = DistributedDataParallel(_net())
         opt = _optimizer(kind, model.module)
-        _train(model, opt, rank, STEPS)
+        _train(model, opt, None, rank, STEPS)
         _assert_same_on_every_rank(model.module)
         single, single_opt = _one_process(kind)
         _assert_equals_one_process(model.module, opt, single, single_opt, rank, kind)
@@ -175,7 +162,7 @@ def _fsdp_worker(rank: int) -> None:
         assert _local(model.layers[4].weight).shape[0] == (3, 2)[rank]
         assert _local(model.layers[5].weight).shape[0] == (4, 3)[rank]
         opt = _optimizer(kind, model)
-        _train(model, opt, rank, STEPS)
+        _train(model, opt, None, rank, STEPS)
         # One all-gathered shape group per shape: 24x16, 24x24 (two matrices), 8x24, 5x8, 7x5 (and 4x7 for Muon).
         assert _group_sizes(opt) == ([1] * 5 if kind == "muon" else [1] * 4) + [2]
         single, single_opt = _one_process(kind)
@@ -190,7 +177,7 @@ def _fsdp_worker(rank: int) -> None:
     model = _sharded_net(kind="edge")
     assert _local(model.layers[4].weight).shape == ((1, 5), (0, 5))[rank]
     opt = _optimizer("edge", model)
-    _train(model, opt, rank, STEPS)
+    _train(model, opt, None, rank, STEPS)
     assert _group_sizes(opt) == [1, 1, 1, 1, 2]  # 5x9, 8x20, 1x5, 4x1; 5x8 (two)
     single, single_opt = _one_process("edge")
     _assert_equals_one_process(model, opt, single, single_opt, rank, "edge")
@@ -223,10 +210,10 @@ def _dcp_worker(rank: int, directory: str) -> None:
             return model, opt, fused_sched.lr_scheduler.CosineAnnealingLR(opt, T_max=first + rest, eta_min=1e-3)
 
         straight, opt, sched = build()
-        straight_losses = _train(straight, opt, rank, first + rest, sched=sched)
+        straight_losses = _train(straight, opt, sched, rank, first + rest)
 
         model, opt, sched = build()
-        losses = _train(model, opt, rank, first, sched=sched)
+        losses = _train(model, opt, sched, rank, first)
         saved_sched = sched.state_dict()
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                  checkpoint_id=checkpoint)
@@ -246,7 +233,7 @@ def _dcp_worker(rank: int, directory: str) -> None:
             assert set(restored["state"][name]) == set(entry), name
             for key, value in entry.items():
                 torch.testing.assert_close(_local(restored["state"][name][key]), _local(value), rtol=0, atol=0)
-        losses += _train(model, opt, rank, rest, start=first, sched=sched)
+        losses += _train(model, opt, sched, rank, rest, start=first)
 
         torch.testing.assert_close(losses, straight_losses, rtol=0, atol=0)
         for (name, a), (_, b) in zip(model.named_parameters(), straight.named_parameters(), strict=True):
