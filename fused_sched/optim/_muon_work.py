@@ -14,6 +14,8 @@ all-gather of 2 bytes per element of the group's matrices, and the Newton-Schulz
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._tensors import is_dtensor
@@ -27,8 +29,7 @@ def _all_gather(output: torch.Tensor, input_: torch.Tensor, group) -> None:
 
 def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     """The matrix Muon orthogonalizes for param `p` (its global shape for a DTensor): (out, rest)."""
-    rows = p.shape[0]
-    return rows, (p.numel() // rows if rows else 0)
+    return p.shape[0], math.prod(p.shape[1:])
 
 
 def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
