@@ -17,7 +17,8 @@ fused_sched's Newton-Schulz runs once per distinct matrix shape (batched), torch
 of cases gives both counts, and the targets compare launches (ops on a CPU) per distinct shape with torch's per
 matrix. On a CPU the Newton-Schulz matmuls dominate: a GPT-2 block is ~130 GFLOP a step, a 1B block ~2.9 TFLOP, so
 by default the GPT-2 rows take 1 of its 12 blocks (embeddings kept) and the 1B rows are not run (--muon-blocks N runs
-N blocks of both).
+N blocks of both). After the rows, bench/muon_distributed.py measures what Muon's FSDP2 all-gathers cost (2 spawned
+ranks; --no-muon-distributed skips it).
 """
 
 from __future__ import annotations
@@ -274,6 +275,11 @@ def run_muon(names, device: torch.device, args, progress, left=lambda: math.inf)
             out["notes"].append(f"{case.label}: implementations run one at a time (all together need "
                                 f"{together / 2**30:.1f} GiB of the {budget / 2**30:.1f} GiB allowed)")
     out["targets"] = muon_targets(out["rows"], out["cases"], device.type)
+    if not getattr(args, "no_muon_distributed", True):
+        from .muon_distributed import run_section
+
+        progress.describe("Muon under FSDP2")
+        out["distributed"] = run_section(names, device, args, left)
     return out
 
 
@@ -344,4 +350,8 @@ def format_muon(result: dict, device_type: str) -> str:
     if result["targets"]:
         lines += ["", "Targets of the Muon rows (read from this run, not asserted):", "",
                   targets_table(result["targets"])]
+    if result.get("distributed"):
+        from .muon_distributed import format_distributed
+
+        lines.append(format_distributed(result["distributed"]))
     return "\n".join(lines)

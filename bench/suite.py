@@ -7,6 +7,7 @@ device is present, plus an end-to-end training check.
     python -m bench --case gpt2-124m --case many-small --steps 20
     python -m bench --full                   # the 1B case unscaled on a CPU too (implementations in turn)
     python -m bench --muon-only              # only the Muon rows (bench/muon.py) and the Muon convergence check
+                                             # (and Muon's FSDP2 all-gathers, bench/muon_distributed.py)
 
 Cases: GPT-2 124M float32 (148 tensors); a Llama-style 1B (Llama-3.2-1B shapes) with bfloat16 parameters and
 gradients (fused_sched keeps float32 states; torch keeps its states in the parameter dtype); 2000 tensors of 4096
@@ -120,6 +121,8 @@ def parse_args(argv):
     parser.add_argument("--no-muon", action="store_true", help="skip the Muon rows and the Muon convergence check")
     parser.add_argument("--muon-only", action="store_true", help="only the Muon rows of the cases (gpt2-124m, "
                         "llama-1b, tiny) and the Muon convergence check")
+    parser.add_argument("--no-muon-distributed", action="store_true", help="skip the Muon FSDP2 all-gather "
+                        "measurement (bench/muon_distributed.py: 2 spawned gloo ranks, about 25 s on 2 CPU cores)")
     parser.add_argument("--muon-blocks", type=int, help="blocks of each model in the Muon rows (default: all on a "
                         "GPU; on a CPU 1 of GPT-2's, the 1B model not run)")
     parser.add_argument("--e2e-steps", type=int, help="end-to-end training steps (default 300, --quick 100)")

@@ -196,6 +196,50 @@ def test_muon_rows_and_convergence_in_the_suite(tmp_path, capsys, monkeypatch):
         assert r["logged_relative_diff"] == pytest.approx(gaps) and max(gaps) <= 0.01
     assert conv["within_target"] is True
 
+    # Muon's FSDP2 all-gathers (bench/muon_distributed.py) follow the Muon rows, on tiny-gpt's matrices here.
+    if torch.distributed.is_available() and torch.distributed.is_gloo_available():
+        distributed = muon["distributed"]
+        assert "error" not in distributed, distributed
+        assert distributed["label"] == "tiny-gpt" and len(distributed["shapes"]) == 8 and distributed["groups"] == 4
+        assert distributed["steps"] == 2 and "### Muon under FSDP2: the all-gathers (tiny-gpt" in out
+
+
+DISTRIBUTED = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="torch.distributed with gloo is needed")
+
+
+@DISTRIBUTED
+def test_muon_distributed_counts_the_gathered_bytes_and_times_the_parts():
+    """2 gloo ranks, uneven shards (5 rows as 3 + 2, 3 as 2 + 1, 1 as 1 + 0) padded to the larger one: the bytes
+    each rank receives, computed by hand and counted from the collective's tensors; every part timed, within the
+    step."""
+    from bench.muon_distributed import format_distributed, gather_bytes, run_muon_distributed
+
+    shapes = [(5, 8), (5, 8), (3, 16), (1, 4), (24, 24)]
+    # Per shape group, 2 bytes x matrices x padded rows x columns, received from the one other rank:
+    # 5x8 (two): 2*2*3*8 = 96 (16 of it padding); 3x16: 2*2*16 = 64 (16); 1x4: 2*1*4 = 8 (4); 24x24: 2*12*24 = 576.
+    assert gather_bytes(shapes) == (744, 36)
+    result = run_muon_distributed(shapes, "uneven", steps=2, warmup=1)
+    assert (result["backend"], result["world"], result["groups"]) == ("gloo", 2, 4)
+    assert (result["bytes_per_rank"], result["padding_bytes_per_rank"]) == (744, 36)
+    sharded, *single = result["runs"]
+    assert [r["local_rows"] for r in sharded["ranks"]] == [[3, 3, 2, 1, 12], [2, 2, 1, 0, 12]]
+    for rank in sharded["ranks"]:
+        assert rank["bytes_per_step"] == [744, 744] and rank["gathers_per_step"] == [4, 4]
+        assert len(rank["plain_steps_ms"]) == 2 and min(rank["plain_steps_ms"]) > 0
+        assert 0 < rank["gather_ms"] <= rank["instrumented_step_ms"]
+        assert 0 < rank["newton_schulz_ms"] <= rank["orthogonalize_ms"] <= rank["instrumented_step_ms"]
+        assert rank["wait_ms"] + rank["gather_ms"] + rank["newton_schulz_ms"] <= rank["orthogonalize_ms"]
+        assert rank["kernel_passes_ms"] > 0 and rank["other_ms"] >= 0
+    assert sharded["gather_ms"] == max(r["gather_ms"] for r in sharded["ranks"])  # the slower rank's
+    assert single and single[0]["processes"] == 1
+    for r in single:
+        assert r["gather_ms"] == r["wait_ms"] == 0 and r["bytes_per_step"] == [0, 0]
+        assert 0 < r["newton_schulz_ms"] <= r["instrumented_step_ms"] and r["step_ms"] > 0
+    text = format_distributed(result)
+    assert "| FSDP2, 2 ranks (gloo) | 2 x " in text and "| one process" in text
+    assert "the 4 all-gathers (one per shape) receive 0.000744 MB (3.6e-05 MB of it padding" in text
+
 
 def test_muon_convergence_logs_every_step_within_one_percent():
     from bench.convergence import format_muon_convergence, run_muon_convergence
