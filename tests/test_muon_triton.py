@@ -8,10 +8,10 @@ and a device schedule driving lr and momentum; and the custom op triton_muon_ste
 
 from __future__ import annotations
 
-import muon_reference as ref
 import pytest
 import torch
 
+import muon_reference as ref
 from fused_sched import _hyper, backends
 from fused_sched import _schedule_program as sp
 from fused_sched._extension import load_extension
