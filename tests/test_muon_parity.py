@@ -84,6 +84,21 @@ def test_matches_torch_muon(nesterov, adjust_lr_fn, momentum, weight_decay):
     assert torch_opt.defaults.keys() <= opt.defaults.keys()
 
 
+def test_spectral_unclamped_ratio():
+    """torch 2.14's third adjust_lr_fn, sqrt(A / B) without the clamp at 1 (accepted on every supported torch)."""
+    grads = _grads(SHAPES, 4)
+    ours = _params()
+    _train(fused_sched.Muon(ours, lr=0.02, adjust_lr_fn="spectral_unclamped"), ours, grads)
+    assert adjusted_lr_ratio("spectral_unclamped", 32, 96) == (32 / 96) ** 0.5
+    try:
+        ref = _params()
+        torch_opt = torch.optim.Muon(ref, lr=0.02, adjust_lr_fn="spectral_unclamped")
+    except ValueError:  # torch < 2.14 refuses it: the run above and the ratio are what can be checked
+        pytest.skip(f"torch {torch.__version__} lacks adjust_lr_fn='spectral_unclamped'")
+    _train(torch_opt, ref, grads)
+    _assert_muon_close(ours, ref, 0.02 * 4, "spectral_unclamped")
+
+
 def test_two_groups_with_their_own_settings():
     groups = lambda ps: [{"params": ps[:3], "ns_steps": 3, "lr": 0.05},  # noqa: E731
                          {"params": ps[3:], "ns_coefficients": (3.4, -4.7, 2.0), "eps": 1e-5, "nesterov": False}]

@@ -25,16 +25,19 @@ from ._tensors import traced_tensor
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 EPS = 1e-7
-ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 #: muon_math.h MuonPass.
 MOMENTUM_PASS, UPDATE_PASS = 0, 1
 
 
 def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
-    """torch.optim.Muon's _adjust_lr as a factor of lr: sqrt(max(1, A / B)) ("original", the default) or
-    0.2 sqrt(max(A, B)) ("match_rms_adamw", Moonshot's: the update's RMS matches AdamW's)."""
+    """torch.optim.Muon's _adjust_lr as a factor of lr: sqrt(max(1, A / B)) ("original", the default),
+    0.2 sqrt(max(A, B)) ("match_rms_adamw", Moonshot's: the update's RMS matches AdamW's) or sqrt(A / B)
+    ("spectral_unclamped", Bernstein's; torch >= 2.14 has it, fused_sched on every supported torch)."""
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "spectral_unclamped":
+        return math.sqrt(rows / cols)
     return 0.2 * math.sqrt(max(rows, cols))
 
 
@@ -106,8 +109,8 @@ class Muon(FusedOptimizer):
     :math:`\mathrm{NS}` transposes a tall matrix, divides it by ``max(norm, eps)`` and runs ``ns_steps`` times
     :math:`X \leftarrow aX + (bA + cA^2)X` with :math:`A = XX^\top`, in bfloat16 as torch does; matrices of one shape
     (and one group's settings) run it together as batched matmuls. :math:`r(A, B)` is ``adjust_lr_fn``'s ratio for
-    an A x B matrix: :math:`\sqrt{\max(1, A/B)}` ("original", default) or :math:`0.2\sqrt{\max(A, B)}`
-    ("match_rms_adamw").
+    an A x B matrix: :math:`\sqrt{\max(1, A/B)}` ("original", default), :math:`0.2\sqrt{\max(A, B)}`
+    ("match_rms_adamw") or :math:`\sqrt{A/B}` ("spectral_unclamped").
 
     The momentum buffer is float32 and the elementwise arithmetic float32 whatever the parameter dtype (torch keeps
     the buffer in the gradient's dtype); the update's bfloat16 workspace (2 bytes per element) lives beside the state,
@@ -124,7 +127,8 @@ class Muon(FusedOptimizer):
             (default: (3.4445, -4.7750, 2.0315)).
         eps (float): floor of the norm the update is divided by (default: 1e-7).
         ns_steps (int): Newton-Schulz iterations, fewer than 100 (default: 5).
-        adjust_lr_fn (str, optional): "original" or "match_rms_adamw" (default: None, i.e. "original").
+        adjust_lr_fn (str, optional): "original", "match_rms_adamw" or "spectral_unclamped" (default: None, i.e.
+            "original").
         flatten (bool): accept parameters of more than two dimensions (convolutions) and orthogonalize them as
             (out, rest) matrices, as the reference Muon does; the lr ratio uses that matrix's shape (default: False).
         backend (str): "auto", "cpu", "triton" or "cuda".
