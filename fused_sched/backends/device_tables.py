@@ -115,14 +115,13 @@ class DeviceTables:
             schedule: torch.Tensor | None = None, schedule_step: torch.Tensor | None = None,
             grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
             clip_coef: torch.Tensor | None = None, step_advance: torch.Tensor | None = None,
-            sr_seed: int = 0, **algorithm_options) -> None:
+            sr_seed: int = 0, release_grads: bool = True, **algorithm_options) -> None:
         """One step of the bucket: the tables brought up to date (`fresh`: SGD's fresh-buffer flags), one launch.
         hyper: float64 [groups, 8]; schedule / schedule_step: the bound device schedule; grad_scale, found_inf,
         clip_coef (float32 [1]) and step_advance (float64 [1], written): GradScaler's and a fused clip's inputs;
         sr_seed: the seed of stochastic rounding. All on the bucket's device. algorithm_options: what one family's
         launcher alone takes (Muon: ``phase``, muon_math.h MuonPass); a Muon step runs twice on the same tables, so
         only its last pass (``release_grads=True``) lets go of the gradients."""
-        release_grads = algorithm_options.pop("release_grads", True)
         self.sync_tables(native_bucket, fresh)
         self._launch(hyper, schedule=schedule, schedule_step=schedule_step, grad_scale=grad_scale,
                      found_inf=found_inf, clip_coef=clip_coef, step_advance=step_advance, sr_seed=sr_seed,

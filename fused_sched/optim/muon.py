@@ -85,14 +85,6 @@ def check_muon_params(params, flatten: bool) -> None:
                              + hint)
 
 
-def _muon_key(group: dict):
-    """What of a Muon group's settings decides its plan (shape groups, lr ratios) beside its row."""
-    if not group.get("use_muon", True):  # an AdamW group of MuonWithAdamW
-        return None
-    return (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"], group["adjust_lr_fn"],
-            group["flatten"])
-
-
 class Muon(FusedOptimizer):
     r"""Muon: momentum, Newton-Schulz orthogonalization of each matrix's update, decoupled weight decay, as
     torch.optim.Muon.
@@ -198,7 +190,7 @@ class Muon(FusedOptimizer):
         # The Newton-Schulz settings, adjust_lr_fn and flatten are in no hyper row: the plan (its shape groups and
         # lr ratios) follows them through their own key, checked at every step like the rows.
         rows = super()._current_rows()
-        keys = [_muon_key(g) for g in self.param_groups]
+        keys = [self._muon_settings(g) for g in self.param_groups]
         if keys != self._muon_keys:
             for group in self.param_groups:
                 self._validate_group(group, at_step=True)
@@ -206,6 +198,11 @@ class Muon(FusedOptimizer):
                 self._plan = None
             self._muon_keys = keys
         return rows
+
+    def _muon_settings(self, group: dict):
+        """What of a Muon group's settings decides its plan (shape groups, lr ratios) beside its row."""
+        return (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"], group["adjust_lr_fn"],
+                group["flatten"])
 
     def _row(self, group: dict) -> tuple:
         return muon_row(group)

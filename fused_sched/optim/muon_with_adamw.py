@@ -39,6 +39,12 @@ def muon_param_groups(model: nn.Module, *, flatten: bool = False, head_names=HEA
     return [g for g in groups if g["params"]]
 
 
+def _is_muon(group: dict) -> bool:
+    """A Muon group of MuonWithAdamW (the constructor's own defaults, checked before any group exists, count as
+    Muon's)."""
+    return group.get("use_muon", True)
+
+
 class MuonWithAdamW(Muon):
     r"""Muon (fused_sched.Muon) for the param groups flagged ``use_muon=True`` and AdamW (fused_sched.AdamW) for those
     flagged ``use_muon=False``, in one optimizer: one ``step()``, one state_dict, one scheduler (the torch schedulers
@@ -111,6 +117,9 @@ class MuonWithAdamW(Muon):
         super().__setstate__(state)
         self.__dict__.setdefault("adamw_defaults", {})
 
+    def _muon_settings(self, group: dict):
+        return super()._muon_settings(group) if _is_muon(group) else None
+
     def _attach_schedule(self, binding) -> None:
         if any(binding.momentum_groups):
             raise ValueError("MuonWithAdamW takes no schedule of the momentum (cycle_momentum): Muon's momentum and "
@@ -118,7 +127,7 @@ class MuonWithAdamW(Muon):
         super()._attach_schedule(binding)
 
     def _group_family(self, group: dict) -> str:
-        return "muon" if group.get("use_muon", True) else "adam"
+        return "muon" if _is_muon(group) else "adam"
 
     def _family_state_keys(self, family: str) -> tuple[str, ...]:
         return self._families[family]
@@ -127,27 +136,27 @@ class MuonWithAdamW(Muon):
         return family == "adam"
 
     def _validate_group(self, group: dict, at_step: bool = False) -> None:
-        if group.get("use_muon", True):
+        if _is_muon(group):
             validate_muon_group(group, at_step)
         else:
             AdamW._validate_group(self, group, at_step)
 
     def _check_param(self, p: torch.Tensor, group: dict) -> None:
-        if group["use_muon"]:
+        if _is_muon(group):
             super()._check_param(p, group)
         else:
             FusedOptimizer._check_param(self, p, group)
 
     def _row(self, group: dict) -> tuple:
-        return muon_row(group) if group["use_muon"] else adam_row(group)
+        return muon_row(group) if _is_muon(group) else adam_row(group)
 
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
-        if group["use_muon"]:
+        if _is_muon(group):
             return (True, False, False, False)
         return (False, True, True, bool(group["amsgrad"]))
 
     def _momentum_column_of(self, group: dict) -> int:
-        return _hyper.MOMENTUM if group.get("use_muon", True) else _hyper.BETA1
+        return _hyper.MOMENTUM if _is_muon(group) else _hyper.BETA1
 
     def _run_bucket(self, bucket: Bucket, hyper: torch.Tensor, amp: dict) -> None:
         if bucket.family == "adam":
