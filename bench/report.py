@@ -225,7 +225,7 @@ def render(header: str, record: dict, device_type: str) -> str:
         parts += [f"- {', '.join(cases)}: {reason}" if impl == "(whole case)" else
                   f"- {impl} ({', '.join(cases)}): {reason}" for (impl, reason), cases in groups.items()]
     if record["targets"]:
-        parts += ["", "## Targets (issue 5; read from this run, not asserted)", "",
+        parts += ["", "## Targets (issues 5 and 19; read from this run, not asserted)", "",
                   targets_table(record["targets"])]
     if record["e2e"]:
         parts.append(format_e2e(record["e2e"]))

@@ -13,6 +13,7 @@ from bench.shapes import tiny
 
 TORCH_IMPLS = {"torch for-loop", "torch foreach", "torch fused", "torch fused, tensor lr"}
 FUSED_SCHED_IMPLS = {"fused_sched cpu", "fused_sched cpu AdamW8bit", "fused_sched cpu bf16 states"}
+PEER_IMPLS = {"bitsandbytes AdamW8bit", "torchao AdamW8bit"}  # test requirements, and both run on a CPU
 
 
 def _run(tmp_path, *extra):
@@ -25,7 +26,7 @@ def test_suite_writes_table_json_and_chart(tmp_path, capsys):
     out = capsys.readouterr().out
 
     assert "| case | impl | median ms | p20 ms | p80 ms | GB/s | of copy |" in out
-    for name in TORCH_IMPLS | FUSED_SCHED_IMPLS | {report.COPY_IMPL}:
+    for name in TORCH_IMPLS | FUSED_SCHED_IMPLS | PEER_IMPLS | {report.COPY_IMPL}:
         assert f"| tiny fp32 | {name} |" in out
     assert "## End-to-end" in out
     assert "Convergence of the state formats" in out
@@ -39,7 +40,7 @@ def test_suite_writes_table_json_and_chart(tmp_path, capsys):
     assert data["interrupted"] is False
 
     rows = data["rows"]
-    assert {r["impl"] for r in rows} == TORCH_IMPLS | FUSED_SCHED_IMPLS | {report.COPY_IMPL}
+    assert {r["impl"] for r in rows} == TORCH_IMPLS | FUSED_SCHED_IMPLS | PEER_IMPLS | {report.COPY_IMPL}
     by_impl = {r["impl"]: r for r in rows}
     # Measured from the state tensors: float32 moments and a float32 step per tensor; bfloat16 moments half of it.
     full, half = by_impl["fused_sched cpu"]["state_bytes_per_param"], by_impl["fused_sched cpu bf16 states"][
@@ -60,6 +61,11 @@ def test_suite_writes_table_json_and_chart(tmp_path, capsys):
     skipped = {s["impl"] for s in data["skipped"]}
     assert {"torch.compile, tensor lr", "apex FusedAdam", "fused_sched triton", "fused_sched cuda"} <= skipped
     assert [t["impl"] for t in data["targets"]] == []  # the CPU target is on the gpt2-124m case only
+
+    convergence = data["convergence"]
+    assert PEER_IMPLS <= {r["run"] for r in convergence["runs"]}, convergence["skipped"]
+    for r in convergence["runs"]:
+        assert len(r["losses"]) == 6 and r["step_ms"] > 0
 
     e2e = data["e2e"]
     assert e2e["steps"] == 6 and e2e["tolerance"] > 0
