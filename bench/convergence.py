@@ -27,7 +27,7 @@ import fused_sched
 from fused_sched._extension import load_extension
 
 from .e2e import BETAS, PEAK_LR, VOCAB, WARMUP_FRACTION, WEIGHT_DECAY, TinyGPT, synthetic_batches
-from .impls import hf_cosine
+from .impls import PEERS_8BIT, hf_cosine
 from .measure import sync
 
 #: largest allowed relative gap of the final loss (mean of the last 20 steps) to float32 AdamW's
@@ -94,8 +94,7 @@ def final_loss(losses: list[float]) -> float:
 def run_convergence(device: torch.device, steps: int = 300, progress=None) -> dict:
     runs = list(RUNS)
     skipped = []
-    for label, package, module in (("bitsandbytes AdamW8bit", "bitsandbytes", "bitsandbytes.optim"),
-                                   ("torchao AdamW8bit", "torchao", "torchao.optim")):
+    for label, package, module in PEERS_8BIT:
         if importlib.util.find_spec(package) is None:
             skipped.append({"run": label, "reason": f"{package} is not installed"})
         else:

@@ -131,6 +131,11 @@ STATE_FORMATS = (
 )
 
 
+#: The 8-bit peers, each run where its package imports: (row / run label, package, module holding AdamW8bit).
+PEERS_8BIT = (("bitsandbytes AdamW8bit", "bitsandbytes", "bitsandbytes.optim"),
+              ("torchao AdamW8bit", "torchao", "torchao.optim"))
+
+
 def _peer_8bit(module: str, name: str):
     def build(params):
         package = importlib.import_module(module)
@@ -145,8 +150,7 @@ def _peers_8bit(device: torch.device, hf: str) -> tuple[list[Impl], list[dict]]:
     """bitsandbytes' and torchao's AdamW8bit where they import (their own checks decide whether they run on this
     device: a failure in construction or in the first steps skips the row with its reason)."""
     impls, skipped = [], []
-    for label, package, module in (("bitsandbytes AdamW8bit", "bitsandbytes", "bitsandbytes.optim"),
-                                   ("torchao AdamW8bit", "torchao", "torchao.optim")):
+    for label, package, module in PEERS_8BIT:
         if importlib.util.find_spec(package) is None:
             skipped.append({"impl": label, "reason": f"{package} is not installed"})
             continue

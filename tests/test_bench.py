@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import report, suite
+from bench.impls import PEERS_8BIT
 from bench.measure import TimeLimitExceeded, time_limit
 from bench.shapes import tiny
 
@@ -16,8 +17,8 @@ TORCH_IMPLS = {"torch for-loop", "torch foreach", "torch fused", "torch fused, t
 FUSED_SCHED_IMPLS = {"fused_sched cpu", "fused_sched cpu AdamW8bit", "fused_sched cpu bf16 states"}
 # The 8-bit peers: test requirements (so CI has both, and both run on a CPU); a machine without one (the GPU check
 # installs nothing) lists it under "Not measured" instead.
-PEERS = {"bitsandbytes AdamW8bit": "bitsandbytes", "torchao AdamW8bit": "torchao"}
-PEER_IMPLS = {name for name, package in PEERS.items() if importlib.util.find_spec(package) is not None}
+PEERS = {label for label, _, _ in PEERS_8BIT}
+PEER_IMPLS = {label for label, package, _ in PEERS_8BIT if importlib.util.find_spec(package) is not None}
 
 
 def _run(tmp_path, *extra):

@@ -85,16 +85,25 @@ def test_matches_torch_muon(nesterov, adjust_lr_fn, momentum, weight_decay):
 
 
 def test_spectral_unclamped_ratio():
-    """torch 2.14's third adjust_lr_fn, sqrt(A / B) without the clamp at 1 (accepted on every supported torch)."""
+    """torch 2.14's third adjust_lr_fn, sqrt(A / B) without the clamp at 1, accepted on every supported torch and
+    compared with torch.optim.Muon on every one: where torch lacks it, the same update is torch's "original" with
+    each matrix's lr scaled by sqrt(A / B) / sqrt(max(1, A / B)) and its weight decay by the inverse (lr * wd, the
+    decay's factor, unchanged). The scale is below 1 only for wide matrices, which SHAPES holds."""
     grads = _grads(SHAPES, 4)
     ours = _params()
     _train(fused_sched.Muon(ours, lr=0.02, adjust_lr_fn="spectral_unclamped"), ours, grads)
     assert adjusted_lr_ratio("spectral_unclamped", 32, 96) == (32 / 96) ** 0.5
+    ref = _params()
     try:
-        ref = _params()
         torch_opt = torch.optim.Muon(ref, lr=0.02, adjust_lr_fn="spectral_unclamped")
-    except ValueError:  # torch < 2.14 refuses it: the run above and the ratio are what can be checked
-        pytest.skip(f"torch {torch.__version__} lacks adjust_lr_fn='spectral_unclamped'")
+    except ValueError:  # torch < 2.14
+        groups = []
+        for p in ref:
+            rows, cols = p.shape
+            scale = adjusted_lr_ratio("spectral_unclamped", rows, cols) / adjusted_lr_ratio("original", rows, cols)
+            groups.append({"params": [p], "lr": 0.02 * scale, "weight_decay": 0.1 / scale})
+        assert min(g["lr"] for g in groups) < 0.02
+        torch_opt = torch.optim.Muon(groups, lr=0.02)
     _train(torch_opt, ref, grads)
     _assert_muon_close(ours, ref, 0.02 * 4, "spectral_unclamped")
 
