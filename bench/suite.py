@@ -39,7 +39,7 @@ import torch
 from . import report
 from .cases import CASE_NAMES, DEFAULT_CASES, fit_7b_shard, make_case, memory_budget, needs
 from .environment import environment
-from .impls import candidates
+from .impls import PEERS_8BIT, candidates
 from .runner import Progress, failure_reason, measure_case
 
 
@@ -213,10 +213,10 @@ def main(argv=None) -> dict:
             except Exception as exc:  # noqa: BLE001
                 record["e2e"] = {"error": failure_reason(exc)}
             if left() >= 30:
-                from .convergence import RUNS, run_convergence
+                from .convergence import RUNS, SGD_RUNS, run_convergence
 
                 progress.describe("state-format convergence")
-                progress.add(len(RUNS) + 2)
+                progress.add(len(RUNS) + len(PEERS_8BIT) + len(SGD_RUNS))
                 try:
                     record["convergence"] = run_convergence(device, args.e2e_steps, progress=progress)
                 except Exception as exc:  # noqa: BLE001

@@ -65,11 +65,12 @@ TORCH_LIBRARY(fused_sched, m) {
       "cuda_adam_tables_(Tensor table, Tensor chunks, int chunk_elements, ScalarType param_dtype, Tensor hyper, "
       "Tensor(a!) counter, Tensor? schedule=None, Tensor? schedule_step=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None, int sr_seed=0) -> ()");
-  // SGD: the kernel also clears the table's fresh-buffer flags (column 5), hence table(c!).
+  // SGD: the kernel also clears the table's fresh-buffer flags (column 14), hence table(c!); sr_seed keys the
+  // stochastic rounding of bfloat16 momentum buffers (with the steps that column 5 points to).
   m.def(
       "cuda_sgd_tables_(Tensor(c!) table, Tensor chunks, int chunk_elements, ScalarType param_dtype, Tensor hyper, "
       "Tensor(a!) counter, Tensor? schedule=None, Tensor? schedule_step=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(b!)? step_advance=None, int sr_seed=0) -> ()");
   // Muon: one pass (phase, as muon_step_) on the tables; column 5 holds the address of each row's float64 lr ratio and
   // state1 the address of its bfloat16 workspace.
   m.def(
@@ -148,13 +149,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           [](fused_sched::OptimBucket& b, const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
              const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-             const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance) {
-            b.sgd_step(hyper, fresh_buffers, schedule, schedule_step, {grad_scale, found_inf, clip_coef, step_advance});
+             const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
+             int64_t sr_seed) {
+            b.sgd_step(hyper, fresh_buffers, schedule, schedule_step, {grad_scale, found_inf, clip_coef, step_advance},
+                       sr_seed);
           },
           pybind11::arg("hyper"), pybind11::arg("fresh_buffers"), pybind11::arg("schedule") = std::nullopt,
           pybind11::arg("schedule_step") = std::nullopt, pybind11::arg("grad_scale") = std::nullopt,
           pybind11::arg("found_inf") = std::nullopt, pybind11::arg("clip_coef") = std::nullopt,
-          pybind11::arg("step_advance") = std::nullopt)
+          pybind11::arg("step_advance") = std::nullopt, pybind11::arg("sr_seed") = 0)
       .def(
           "muon_step",
           [](fused_sched::OptimBucket& b, const at::Tensor& hyper, int64_t phase,

@@ -75,7 +75,6 @@ OptimBucket::OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector
   // (with the layout checked every step), group index and param id. refresh_grads() writes param and grad.
   int64_t* t = table_.data_ptr<int64_t>();
   layouts_.resize(params_.size());
-  step_column_.assign(params_.size(), 0);
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i];
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_sched: params[", i, "] must be dense and non-overlapping");
@@ -92,8 +91,7 @@ OptimBucket::OptimBucket(std::vector<at::Tensor> params, std::vector<std::vector
         row[kColState0 + k] = address(s);
       }
     }
-    step_column_[i] = steps_.empty() ? 0 : address(steps_[i]);
-    row[kColStep] = step_column_[i];
+    row[kColStep] = steps_.empty() ? 0 : address(steps_[i]);
     row[kColNumel] = p.numel();
     row[kColGroup] = group_index_[i];
     row[kColMaster] = masters_.empty() ? 0 : address(masters_[i]);
@@ -177,10 +175,10 @@ const char* OptimBucket::refresh_range(size_t begin, size_t end, size_t* failed,
     int64_t* row = t + i * kTableColumns;
     const int64_t param_address = address(p);
     const int64_t grad_address = address(g);
-    any_change |= row[kColParam] != param_address || row[kColGrad] != grad_address || row[kColStep] != step_column_[i];
+    any_change |= row[kColParam] != param_address || row[kColGrad] != grad_address || row[kColFresh] != 0;
     row[kColParam] = param_address;
     row[kColGrad] = grad_address;
-    row[kColStep] = step_column_[i];  // a caller may have written SGD's fresh flags there
+    row[kColFresh] = 0;  // a caller may have set SGD's fresh flags for the last upload; the kernel cleared them
   }
   *changed = any_change;
   return nullptr;
@@ -268,11 +266,11 @@ void OptimBucket::adam_step(const at::Tensor& hyper, const std::optional<at::Ten
 
 void OptimBucket::sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
                            const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
-                           const Amp& amp) {
+                           const Amp& amp, int64_t sr_seed) {
   RECORD_FUNCTION("fused_sched::sgd_step_", std::vector<c10::IValue>());
   TORCH_CHECK(device_.is_cpu(), "fused_sched: OptimBucket::sgd_step runs CPU buckets");
-  cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), hyper, group_index_, fresh_buffers, schedule,
-                    schedule_step, options(amp, 0), /*checked=*/true);
+  cpu::sgd_step_cpu(params_, grads_, state_or_empty(states_, 0), steps_, hyper, group_index_, fresh_buffers, schedule,
+                    schedule_step, options(amp, sr_seed), /*checked=*/true);
   release_grads();
 }
 

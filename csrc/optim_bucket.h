@@ -20,7 +20,8 @@ namespace fused_sched {
 class OptimBucket {
  public:
   // states[k][i]: the k-th state tensor of param i (Adam: exp_avg, exp_avg_sq, max_exp_avg_sq; SGD:
-  // momentum_buffer); a list may be empty when no tensor needs it. steps: Adam's step tensors (may be empty).
+  // momentum_buffer); a list may be empty when no tensor needs it. steps: Adam's step tensors; SGD's, one per
+  // param (an empty tensor for none) where a bfloat16 momentum is rounded stochastically; may be empty.
   // masters: empty, or one per param: its float32 master copy (master_weights) or an undefined / empty tensor.
   // param_ids: each param's index in the optimizer (stochastic rounding keys its random bits on it).
   // State formats (docs/state_formats.md): formats: empty (all float32) or one kColFormat value per param; a state
@@ -47,9 +48,10 @@ class OptimBucket {
   };
   void adam_step(const at::Tensor& hyper, const std::optional<at::Tensor>& schedule,
                  const std::optional<at::Tensor>& schedule_step, const Amp& amp, int64_t sr_seed);
+  // SGD: steps, where given, are the float32 steps of bfloat16 momentum buffers (an empty tensor elsewhere).
   void sgd_step(const at::Tensor& hyper, const std::vector<int64_t>& fresh_buffers,
                 const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
-                const Amp& amp);
+                const Amp& amp, int64_t sr_seed);
   // One of Muon's two passes (muon_math.h MuonPass) on a CPU bucket built with states [momentum_buffers, bfloat16
   // workspaces] and steps = one-element float64 lr ratios. The gradients are held until the update pass.
   void muon_step(const at::Tensor& hyper, int64_t phase, const std::optional<at::Tensor>& schedule,
@@ -60,8 +62,8 @@ class OptimBucket {
 
   // int64 [n, kTableColumns] address table (optim_math.h TableColumn): param, grad, state0-2, step addresses,
   // numel, group index, master address, param id, state format, absmax0/1 and code table addresses, on the CPU; absent tensors hold 0. Valid after
-  // refresh_grads(); the same tensor every time (the caller may write column kColStep, which the next
-  // refresh_grads() overwrites with the step addresses, or 0).
+  // refresh_grads(); the same tensor every time (the caller may set SGD's fresh flags, column kColFresh, for
+  // one upload: the next refresh_grads() clears them).
   at::Tensor address_table() const { return table_; }
   // Whether the last refresh_grads() changed any entry of the address table.
   bool table_changed() const { return table_changed_; }
@@ -98,8 +100,6 @@ class OptimBucket {
     std::vector<int64_t> sizes, strides;
   };
   std::vector<Layout> layouts_;
-  // The table's column kColStep as built (Adam: step addresses; SGD: 0), restored by every refresh_grads().
-  std::vector<int64_t> step_column_;
 
   cpu::StepOptions options(const Amp& amp, int64_t sr_seed) const;
   // The checks of params[i]'s state format, its states', absmax and code table dtypes and sizes.

@@ -94,7 +94,8 @@ def _load() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(build()))
         lib.emu_adam_tables.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P,
                                         ctypes.c_uint64]
-        lib.emu_sgd_tables.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P]
+        lib.emu_sgd_tables.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P,
+                                       ctypes.c_uint64]
         lib.emu_muon_tables.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P,
                                         _I64]
         lib.emu_grad_norm_tables.argtypes = [ctypes.c_int, _P, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_double,
@@ -142,13 +143,13 @@ def _adam_tables(table, chunks, chunk_elements, param_dtype, hyper, counter, sch
 
 
 def _sgd_tables(table, chunks, chunk_elements, param_dtype, hyper, counter, schedule=None, schedule_step=None,
-                grad_scale=None, found_inf=None, clip_coef=None, step_advance=None):
+                grad_scale=None, found_inf=None, clip_coef=None, step_advance=None, sr_seed=0):
     _check_tables(table, chunks, chunk_elements)
     program, segments, step = _schedule(schedule, schedule_step)
     _check(_load().emu_sgd_tables(
         _DTYPE_CODES[param_dtype], table.data_ptr(), table.shape[0], chunks.data_ptr(), chunks.shape[0],
         chunk_elements, hyper.data_ptr(), program, segments, step, counter.data_ptr(), _ptr(grad_scale),
-        _ptr(found_inf), _ptr(clip_coef), _ptr(step_advance)), "launch_sgd_tables")
+        _ptr(found_inf), _ptr(clip_coef), _ptr(step_advance), sr_seed), "launch_sgd_tables")
 
 
 def _muon_tables(table, chunks, chunk_elements, param_dtype, hyper, counter, schedule=None, schedule_step=None,

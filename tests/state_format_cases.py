@@ -44,7 +44,7 @@ def run_bucket(backend: str, algorithm: str, params, states, steps, hyper_table,
         if algorithm == "adam":
             bucket.adam_step(hyper_table, sr_seed=sr_seed)
         else:
-            bucket.sgd_step(hyper_table, list(fresh or [0] * len(params)))
+            bucket.sgd_step(hyper_table, list(fresh or [0] * len(params)), sr_seed=sr_seed)
         return
     if backend == "triton":
         from fused_sched.backends.triton.runner import TritonBucketRunner
@@ -97,7 +97,9 @@ def make_case(dtype, numels, moment_format, *, seed=0, block_size=256, remainder
         formats.append(sf.format_column(moment_format, remainder, block_size))
     states = [states0, states1] if algorithm == "adam" else [states0]
     absmax = [absmax0, absmax1] if moment_format == sf.BLOCKWISE_8BIT else []
-    return {"params": params, "states": states, "absmax": absmax, "steps": steps if algorithm == "adam" else [],
+    # SGD keeps a step only to key the stochastic rounding of a bfloat16 momentum buffer.
+    keeps_steps = algorithm == "adam" or moment_format == sf.BFLOAT16
+    return {"params": params, "states": states, "absmax": absmax, "steps": steps if keeps_steps else [],
             "masters": masters, "formats": formats, "block_size": block_size, "moment_format": moment_format,
             "remainder": remainder}
 

@@ -118,7 +118,8 @@ def _dcp_worker(rank: int, directory: str, name: str, kwargs: dict) -> None:
 
 
 @pytest.mark.parametrize("name,kwargs", [("AdamW8bit", EIGHT_BIT),
-                                         ("AdamW", {"lr": 1e-2, "state_dtype": torch.bfloat16})],
-                         ids=["8bit", "bf16"])
+                                         ("AdamW", {"lr": 1e-2, "state_dtype": torch.bfloat16}),
+                                         ("SGD", {"lr": 1e-2, "momentum": 0.9, "state_dtype": torch.bfloat16})],
+                         ids=["8bit", "bf16", "sgd-bf16-momentum"])
 def test_fsdp2_checkpoint_resume_is_bit_exact(name, kwargs, tmp_path):
     _run(_dcp_worker, str(tmp_path / "checkpoint"), name, kwargs)

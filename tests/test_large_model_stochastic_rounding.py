@@ -93,6 +93,6 @@ def test_stochastic_rounding_switched_on_for_float16_is_refused():
     opt.param_groups[0]["stochastic_rounding"] = True
     with pytest.raises(ValueError, match="bfloat16"):
         opt.step()
-    with pytest.raises(ValueError, match="SGD does not round stochastically"):
+    with pytest.raises(ValueError, match="SGD does not round its parameters stochastically"):
         fused_sched.SGD([torch.zeros(1, requires_grad=True)]).add_param_group(
             {"params": [torch.zeros(1, requires_grad=True)], "stochastic_rounding": True})

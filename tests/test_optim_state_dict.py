@@ -67,7 +67,7 @@ def test_state_dict_has_torchs_layout(name):
     a, b = ours.state_dict(), theirs.state_dict()
     # torch's keys, plus fused_sched's own group options (which torch ignores when it loads them).
     extra = ({"master_weights", "stochastic_rounding", "state_dtype", "state_rounding"} if name == "AdamW"
-             else {"master_weights"})
+             else {"master_weights", "state_dtype", "state_rounding"})
     assert [set(g) for g in a["param_groups"]] == [set(g) | extra for g in b["param_groups"]]
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:

@@ -251,13 +251,13 @@ SGD_PROGRAMS = [
 ]
 
 
-def _addresses(params, grads, states, column5):
+def _addresses(params, grads, states, steps, fresh=None):
     def address(t):
         return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
-    # Columns 10-13 (state format, 8-bit scales, code table): float32 states.
-    rows = [[address(p), address(grads[i]), *(address(s[i]) for s in states), column5[i], p.numel(), GROUP_OF[i], 0, i,
-             0, 0, 0, 0] for i, p in enumerate(params)]
+    # Columns 10-13 (state format, 8-bit scales, code table): float32 states; 14: SGD's fresh flags.
+    rows = [[address(p), address(grads[i]), *(address(s[i]) for s in states), steps[i], p.numel(), GROUP_OF[i], 0, i,
+             0, 0, 0, 0, fresh[i] if fresh else 0] for i, p in enumerate(params)]
     return torch.tensor(rows, dtype=torch.int64, device=DEVICE)
 
 
@@ -300,7 +300,8 @@ def test_scheduled_sgd_matches_cpu_op(dtype):
     ref_bufs = [torch.randn(s) * 100 for s in SIZES]  # garbage: the first step must fill them with the gradient
     params = [t.clone().to(DEVICE) for t in ref_params]
     bufs = [t.clone().to(DEVICE) for t in ref_bufs]
-    table = _addresses(params, params, [bufs, [None] * len(SIZES), [None] * len(SIZES)], [1] * len(SIZES))
+    table = _addresses(params, params, [bufs, [None] * len(SIZES), [None] * len(SIZES)], [0] * len(SIZES),
+                       fresh=[1] * len(SIZES))
     chunks = device_tables.build_chunks([p.numel() for p in params], CHUNK).to(DEVICE)
     counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     schedule = sp.pack(SGD_PROGRAMS)
@@ -353,7 +354,7 @@ def test_lr_from_table_flag_overrides_the_program_on_every_backend():
                                              schedule_step=step)
         else:
             rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, s.data_ptr(), p.numel(), k, 0, k,
-                     0, 0, 0, 0]
+                     0, 0, 0, 0, 0]
                     for k, (p, g, m, v, s) in enumerate(zip(params, grads, *moments, steps, strict=True))]
             table = torch.tensor(rows, dtype=torch.int64, device=device)
             chunks = device_tables.build_chunks([300, 5], CHUNK).to(device)

@@ -60,7 +60,12 @@ def test_torch_sgd_state_dict_round_trip():
     assert torch.equal(back.state[p]["momentum_buffer"], expect)
 
 
-def test_bfloat16_momentum_is_refused():
-    p = torch.zeros(10, requires_grad=True)
-    with pytest.raises(ValueError, match="SGD keeps its momentum"):
-        fused_sched.SGD8bit([{"params": [p], "state_dtype": torch.bfloat16}], momentum=0.9)
+def test_small_tensors_take_the_groups_state_dtype():
+    # As AdamW8bit: tensors under min_8bit_size keep the group's state_dtype, here bfloat16 (with its step).
+    big, small = torch.zeros(5000, requires_grad=True), torch.zeros(10, requires_grad=True)
+    opt = fused_sched.SGD8bit([{"params": [big, small], "state_dtype": torch.bfloat16}], momentum=0.9)
+    big.grad, small.grad = torch.ones(5000), torch.ones(10)
+    opt.step()
+    assert opt.state[big]["momentum_buffer"].dtype == torch.uint8
+    assert opt.state[small]["momentum_buffer"].dtype == torch.bfloat16
+    assert opt.state[small]["step"].item() == 1.0

@@ -20,6 +20,11 @@ FORMATS = {
     "sgd8bit": ("SGD8bit", {"momentum": 0.9, "nesterov": True, "min_8bit_size": 1000}),
     "sgd8bit-remainder": ("SGD8bit", {"momentum": 0.9, "dampening": 0.1, "min_8bit_size": 1000,
                                       "master_weights": "remainder"}),
+    "sgd-bf16-stochastic": ("SGD", {"momentum": 0.9, "state_dtype": torch.bfloat16, "rounding_seed": 11}),
+    "sgd-bf16-nearest": ("SGD", {"momentum": 0.9, "nesterov": True, "state_dtype": torch.bfloat16,
+                                 "state_rounding": "nearest"}),
+    "sgd-bf16-remainder": ("SGD", {"momentum": 0.9, "dampening": 0.1, "state_dtype": torch.bfloat16,
+                                   "master_weights": "remainder"}),
 }
 SHAPES = [(40, 130), (3000,), (7,), (300,)]
 

@@ -43,7 +43,8 @@ def make_case(dtype, numels, moment_format, *, seed=0, block_size=256, remainder
         formats.append(sf.format_column(moment_format, remainder, block_size))
     kept = (3 if amsgrad else 2) if algorithm == "adam" else 1
     return {"params": params, "states": states[:kept], "absmax": absmax if moment_format == Q8 else [],
-            "steps": steps if algorithm == "adam" else [], "masters": masters, "formats": formats,
+            "steps": steps if algorithm == "adam" or moment_format == BF16 else [], "masters": masters,
+            "formats": formats,
             "block_size": block_size, "moment_format": moment_format, "remainder": remainder}
 
 
@@ -158,7 +159,18 @@ def test_sgd_8bit(dtype, block_size, variant):
     assert not any(a.isnan().any() for a in out["absmax"][0])
 
 
-@pytest.mark.parametrize("moment_format", [F32, Q8])
+@pytest.mark.parametrize("nearest", [False, True])
+@pytest.mark.parametrize("variant", sorted(SGD_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_sgd_bfloat16_momentum(dtype, variant, nearest):
+    case = make_case(dtype, NUMELS if variant == "momentum" else SMALL, BF16, algorithm="sgd")
+    h = C.hyper("sgd", state_round_nearest=nearest, **SGD_VARIANTS[variant])
+    out = run_steps("sgd", case, h, sr_seed=4321, nearest=nearest, fresh_first=True)
+    assert _states_changed(case, out)
+    assert [s.item() for s in out["steps"]] == [3.0 + STEPS] * len(NUMELS if variant == "momentum" else SMALL)
+
+
+@pytest.mark.parametrize("moment_format", [F32, Q8, BF16])
 def test_sgd_remainder_master(moment_format):
     case = make_case(torch.bfloat16, SMALL, moment_format, block_size=128, remainder=True, algorithm="sgd")
     run_steps("sgd", case, C.hyper("sgd", nesterov=True), fresh_first=True)
@@ -285,7 +297,7 @@ def test_every_cpu_capability():
 
 def test_rejected_formats_write_nothing():
     native = load_extension()
-    # SGD keeps no step to key stochastic rounding on: no bfloat16 momentum
+    # a bfloat16 momentum buffer rounded stochastically keys its bits on its step: none given
     case = make_case(torch.float32, SMALL, BF16, algorithm="sgd")
     out = C.clone_case(case)
     bucket = native.OptimBucket(out["params"], out["states"], [], [0] * len(SMALL), [], list(range(len(SMALL))),

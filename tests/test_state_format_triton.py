@@ -49,13 +49,15 @@ def merge(parts):
     for part in parts:
         n = len(part["params"])
         out["params"] += part["params"]
-        out["steps"] += part["steps"]
+        out["steps"] += part["steps"] or [torch.zeros(0)] * n  # SGD: steps for bfloat16 buffers only
         out["formats"] += part["formats"]
         out["masters"] += part["masters"] or [torch.empty(0)] * n
         out["states"] = [a + b for a, b in zip(out["states"], part["states"], strict=True)] if out["states"] else \
             [list(col) for col in part["states"]]
         for k in range(2):
             out["absmax"][k] += part["absmax"][k] if part["absmax"] else [torch.empty(0)] * n
+    if all(s.numel() == 0 for s in out["steps"]):
+        out["steps"] = []
     return out
 
 
@@ -144,21 +146,25 @@ def test_adam_amsgrad(dtype, moments, remainder):
     two_steps("adam", case, hyper, sr_seed=3, generic=True)
 
 
-SGD = [  # (param dtype, moment format, remainder, block size, nesterov)
-    (torch.float32, Q8, False, 64, False),
-    (torch.float16, Q8, False, 256, True),
-    (torch.bfloat16, Q8, True, 256, False),
-    (torch.bfloat16, Q8, False, 64, True),
-    (torch.bfloat16, F32, True, 256, True),
+SGD = [  # (param dtype, moment format, remainder, block size, nesterov, state_round_nearest)
+    (torch.float32, Q8, False, 64, False, False),
+    (torch.float16, Q8, False, 256, True, False),
+    (torch.bfloat16, Q8, True, 256, False, False),
+    (torch.bfloat16, Q8, False, 64, True, False),
+    (torch.bfloat16, F32, True, 256, True, False),
+    (torch.float32, BF16, False, 256, False, False),
+    (torch.float16, BF16, False, 256, True, True),
+    (torch.bfloat16, BF16, True, 256, False, False),
 ]
 
 
-@pytest.mark.parametrize("dtype,moments,remainder,block_size,nesterov", SGD)
+@pytest.mark.parametrize("dtype,moments,remainder,block_size,nesterov,nearest", SGD)
 @pytest.mark.parametrize("fresh", [False, True])
-def test_sgd(dtype, moments, remainder, block_size, nesterov, fresh):
+def test_sgd(dtype, moments, remainder, block_size, nesterov, nearest, fresh):
     case = make_case(dtype, NUMELS, moments, remainder=remainder, block_size=block_size, algorithm="sgd")
-    hyper = cases.hyper("sgd", nesterov=nesterov, dampening=0.0 if nesterov else 0.25)
-    two_steps("sgd", case, hyper, fresh=[1] * len(NUMELS) if fresh else None)
+    hyper = cases.hyper("sgd", nearest, nesterov=nesterov, dampening=0.0 if nesterov else 0.25)
+    two_steps("sgd", case, hyper, sr_seed=0x5EED_0123_4567, nearest=nearest,
+              fresh=[1] * len(NUMELS) if fresh else None)
 
 
 @pytest.mark.parametrize("block_size", [64, 256])
@@ -178,9 +184,10 @@ def test_adam_mixed_bucket(block_size):
 def test_sgd_mixed_bucket():
     parts = [make_case(torch.bfloat16, numels, moments, remainder=remainder, seed=seed, algorithm="sgd")
              for seed, (numels, moments, remainder) in enumerate([
-                 ([BIG, 1], Q8, False), ([255], Q8, True), ([257], F32, True), ([1000], F32, False)])]
+                 ([BIG, 1], Q8, False), ([255], Q8, True), ([257], F32, True), ([1000], F32, False),
+                 ([700, 1], BF16, False), ([129], BF16, True)])]
     case = merge(parts)
-    two_steps("sgd", case, cases.hyper("sgd"), fresh=[1, 0, 1, 0, 0], generic=True)
+    two_steps("sgd", case, cases.hyper("sgd"), sr_seed=23, fresh=[1, 0, 1, 0, 0, 1, 0, 0], generic=True)
 
 
 @pytest.mark.parametrize("algorithm,moments,remainder", [("adam", Q8, False), ("adam", BF16, True),

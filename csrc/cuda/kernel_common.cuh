@@ -1,6 +1,6 @@
 // Device code and launch helpers shared by the CUDA kernels (adam.cu, sgd.cu, grad_norm.cu), each its own
 // translation unit. The step kernels update every tensor of one (device, dtype) bucket in one launch and advance its
-// steps. They mirror the Triton kernels (fused_sched/backends/triton_kernels.py) table for table and the
+// steps. They mirror the Triton kernels (fused_sched/backends/triton/) table for table and the
 // per-element math of csrc/include/fused_sched (optim_math.h, adam_math.h, sgd_math.h) operation for operation. No
 // torch header: see launch_common.h for the tables and *_torch.cpp for the glue.
 //
@@ -134,7 +134,7 @@ __device__ __forceinline__ T* as_ptr(int64_t address) {
 // Where a parameter's float32 value comes from and where the updated value goes (the CPU kernels' ParamAccess,
 // csrc/cpu/kernel_common.h): the param itself, or its float32 master copy (read and written in place of the
 // param, which receives it rounded to nearest even); a bfloat16 param without a master is written with
-// stochastic rounding when `stochastic` is set (kAllowStochastic: Adam only; SGD keeps no step to draw from).
+// stochastic rounding when `stochastic` is set (kAllowStochastic: Adam only; SGD writes its params to nearest).
 template <typename P, bool kAllowStochastic>
 struct ParamAccess {
   using Bits = typename ParamTraits<P>::Bits;
@@ -208,7 +208,7 @@ __device__ __forceinline__ void load_effective_row(const double* hyper, int64_t 
 }
 
 struct KernelArgs {
-  int64_t* table;  // written only by sgd_tables_kernel (fresh flags)
+  int64_t* table;  // written only by sgd_tables_kernel (fresh flags; Adam writes the steps it points to)
   const int64_t* chunks;
   const double* hyper;
   const double* schedule;
@@ -242,8 +242,9 @@ __device__ __forceinline__ GradPrescale<float> load_prescale(const KernelArgs& a
 
 // Takes this block's ticket once its chunks are done; the block holding the last one (every other block has
 // then finished reading steps / fresh flags) runs end_row(r) on every table row with all its threads unless
-// found_inf skipped the step (Adam advances the row's step, SGD clears its fresh flag), records in step_advance
-// whether the step ran, then zeroes the counter for the next launch (or CUDA-graph replay).
+// found_inf skipped the step (Adam advances the row's step, SGD clears its fresh flag and advances its step if it
+// has one), records in step_advance whether the step ran, then zeroes the counter for the next launch (or
+// CUDA-graph replay).
 template <typename EndRow>
 __device__ __forceinline__ void finish(const KernelArgs& a, bool skipped, EndRow&& end_row) {
   __shared__ int is_last;

@@ -14,9 +14,10 @@ namespace {
 
 // A row of another state format (docs/state_formats.md, state_format.cuh): the momentum buffer (kFormat) widened
 // to float32 (not read when fresh: the buffer becomes the gradient), the unchanged sgd_element, the buffer
-// narrowed (8-bit: each block's new absmax, then the codes); bfloat16 params with int16 remainders update the
-// joined float32 master. SGD has no bfloat16 buffers (no step to key stochastic rounding on; Python rejects
-// them): such a row would be rounded to nearest even.
+// narrowed (bfloat16: to nearest even with kStateRoundNearest, else stochastically under the state_rounding_key of
+// rounding_key(seed, step after its increment, param id), the step being the float32 one kColStep points to;
+// 8-bit: each block's new absmax, then the codes); bfloat16 params with int16 remainders update the joined
+// float32 master.
 template <typename P, int64_t kFormat>
 __device__ __forceinline__ void sgd_formatted_chunk(const KernelArgs& a, const int64_t* entry, int64_t start,
                                                     const SgdCoeffs<float>& coeffs, const GradPrescale<float>& pre) {
@@ -28,8 +29,18 @@ __device__ __forceinline__ void sgd_formatted_chunk(const KernelArgs& a, const i
   Bits* const grad = as_ptr<Bits>(entry[kColGrad]);
   const float* table = nullptr;
   if constexpr (k8bit) table = stage_qmap(as_ptr<const float>(entry[kColQmap]));
-  const auto buf_lane = moment_lane<kFormat>(entry, 0, table, /*nearest=*/true, 0u);
-  const bool fresh = entry[kColStep] != 0;
+  uint32_t state_key = 0u;
+  const bool nearest = (coeffs.flags & kStateRoundNearest) != 0;
+  if constexpr (kFormat == kFormatBFloat16) {
+    const float* step_ptr = as_ptr<const float>(entry[kColStep]);
+    // Python gives every such row a step; a missing one keys the bits on step 1.
+    const float new_step = (step_ptr != nullptr ? *step_ptr : 0.0f) + 1.0f;
+    const uint32_t key =
+        rounding_key(a.sr_seed, static_cast<uint32_t>(new_step), static_cast<uint32_t>(entry[kColParamId]));
+    state_key = state_rounding_key(key, 0);
+  }
+  const auto buf_lane = moment_lane<kFormat>(entry, 0, table, nearest, state_key);
+  const bool fresh = entry[kColFresh] != 0;
   const bool write_buf = coeffs.has_momentum && entry[kColState0] != 0;
   const bool read_buf = write_buf && !fresh;
   const bool element_fresh = fresh || entry[kColState0] == 0;
@@ -75,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
     const Access param{as_ptr<Bits>(entry[kColParam]), as_ptr<float>(entry[kColMaster]), false, 0u};
     Bits* const grad = as_ptr<Bits>(entry[kColGrad]);  // written back when prescaled
     float* const buf_ptr = as_ptr<float>(entry[kColState0]);
-    const bool fresh = entry[kColStep] != 0;
+    const bool fresh = entry[kColFresh] != 0;
     const int64_t numel = entry[kColNumel];
     const int64_t group = entry[kColGroup];
 
@@ -133,7 +144,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_tables_kernel(Kern
       if (write_buf) buf_ptr[i] = buf;
     }
   }
-  finish(a, skipped, [&a](int64_t r) { a.table[r * kTableColumns + kColStep] = 0; });  // the fresh flag
+  finish(a, skipped, [&a](int64_t r) {
+    int64_t* entry = a.table + r * kTableColumns;
+    entry[kColFresh] = 0;
+    float* step = as_ptr<float>(entry[kColStep]);  // bfloat16 momentum buffers rounded stochastically
+    if (step != nullptr) *step = *step + 1.0f;
+  });
 }
 
 cudaError_t launch(ParamDtype dtype, const KernelArgs& args, cudaStream_t stream) {
@@ -151,11 +167,9 @@ cudaError_t launch_sgd_tables(ParamDtype param_dtype, int64_t* table, int64_t n_
   cudaError_t err = check_args(table, n_rows, chunks, n_chunks, chunk_elements, hyper, schedule, schedule_segments,
                                schedule_step, counter);
   if (err != cudaSuccess || n_rows == 0) return err;
-  StepOptions sgd_options = options;
-  sgd_options.sr_seed = 0;  // SGD never rounds stochastically
   return launch(param_dtype,
                 make_args(table, n_rows, chunks, n_chunks, chunk_elements, hyper, schedule,
-                          schedule_segments, schedule_step, counter, sgd_options),
+                          schedule_segments, schedule_step, counter, options),
                 stream);
 }
 

@@ -37,7 +37,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   // Check every optional buffer before anything is queued.
   std::vector<int64_t> buffers(n);
   for (size_t i = 0; i < n; ++i) buffers[i] = optional_state(params[i], momentum_buffers, "momentum_buffers", i);
-  // SGD never rounds stochastically: no param ids, no seed.
+  // Float32 buffers and params rounded to nearest: no param ids, no seed.
   const CheckedOptions options = check_options(params, device, master_params, grad_scale, found_inf, clip_coef,
                                                step_advance, at::IntArrayRef(), 0);
   const c10::cuda::CUDAGuard guard(device);
@@ -53,7 +53,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     row[kColState0] = buffers[i];
     row[kColState1] = 0;
     row[kColState2] = 0;
-    row[kColStep] = fresh_buffers[i] != 0 ? 1 : 0;  // cleared by the kernel's last block (unless found_inf skips)
+    row[kColStep] = 0;  // float32 momentum buffers only (the list ops take no state format): no step
+    row[kColFresh] = fresh_buffers[i] != 0 ? 1 : 0;  // cleared by the kernel's last block (unless found_inf skips)
     row[kColNumel] = params[i].numel();
     row[kColGroup] = group_index[i];
     row[kColMaster] = options.masters[i];
@@ -68,9 +69,10 @@ void sgd_tables_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t 
                      at::ScalarType param_type, const at::Tensor& hyper, const at::Tensor& counter,
                      const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& schedule_step,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance) {
+                     const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& step_advance,
+                     int64_t sr_seed) {
   const TableLaunch l = check_table_launch(table, chunks, chunk_elements, param_type, hyper, counter, schedule,
-                                           schedule_step, grad_scale, found_inf, clip_coef, step_advance, 0);
+                                           schedule_step, grad_scale, found_inf, clip_coef, step_advance, sr_seed);
   launch_on_tables(l, step_advance, found_inf, [&](const Tables& t, cudaStream_t stream) {
     return launch_sgd_tables(l.dtype, t.table, t.n_rows, t.chunks, t.n_chunks, chunk_elements, l.hyper,
                              l.schedule.program, l.schedule.segments, l.schedule.step, l.counter, stream, l.options);

@@ -30,7 +30,7 @@ def _launch_adam(common: tuple, sr_seed: int) -> None:
 
 
 def _launch_sgd(common: tuple, sr_seed: int) -> None:
-    torch.ops.fused_sched.cuda_sgd_tables_(*common)  # SGD never rounds stochastically
+    torch.ops.fused_sched.cuda_sgd_tables_(*common, sr_seed)  # bfloat16 momentum buffers
 
 
 def _launch_muon(common: tuple, sr_seed: int, phase: int) -> None:

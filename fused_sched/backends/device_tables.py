@@ -5,10 +5,11 @@ The layout is one contract for every kernel (csrc/include/fused_sched/optim_math
 csrc/cuda/launch_common.h, backends/triton/):
 
 * address table: int64 ``[n, TABLE_COLUMNS]``, one row per tensor: param, grad, state0, state1, state2 addresses,
-  column 5 (Adam: the address of the float32 step tensor; SGD: the "fresh buffer" flag; Muon: the address of the
-  float64 lr ratio), numel, param-group index,
-  master address (float32 copy, or int16 remainders), param id, state format, 8-bit absmax of state0 and state1,
-  code table (docs/state_formats.md). The C++ bucket (``OptimBucket.address_table``) writes it on the host.
+  column 5 (Adam: the address of the float32 step tensor; SGD: that of a bfloat16 momentum buffer's step, 0
+  without; Muon: the address of the float64 lr ratio), numel, param-group index, master address (float32 copy, or
+  int16 remainders), param id, state format, 8-bit absmax of state0 and state1, code table
+  (docs/state_formats.md), SGD's "fresh buffer" flag (column 14). The C++ bucket (``OptimBucket.address_table``)
+  writes it on the host.
 * chunk map (``build_chunks``): int64 ``[n_chunks, 2]`` of (row, start); a chunk covers elements
   ``[start, min(start + chunk, numel))`` of one tensor.
 * ticket counter: int32 ``[1]``, zero before the first launch; each launch leaves it zero.
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 import torch
 
-TABLE_COLUMNS = 14
+TABLE_COLUMNS = 15
 COL_GRAD, COL_STEP, COL_NUMEL, COL_MASTER, COL_PARAM_ID = 1, 5, 6, 8, 9
 # State formats (docs/state_formats.md, fused_sched/optim/state_format.py): the format bit field, the 8-bit
 # blocks' absmax of state0 and state1, the code table.
 COL_FORMAT, COL_ABSMAX0, COL_ABSMAX1, COL_QMAP = 10, 11, 12, 13
+# SGD: nonzero on the step that creates the momentum buffer (set for one upload, cleared by the kernel).
+COL_FRESH = 14
 
 
 def build_chunks(numels: list[int], chunk: int) -> torch.Tensor:
@@ -135,7 +138,7 @@ class DeviceTables:
         # whether any address changed: that is the whole per-step check.
         changed = native_bucket.table_changed() or self.table is None
         if fresh is not None and any(fresh):
-            native_bucket.address_table()[:, COL_STEP] = torch.tensor(fresh, dtype=torch.int64)
+            native_bucket.address_table()[:, COL_FRESH] = torch.tensor(fresh, dtype=torch.int64)
             changed = True
         if changed:
             self._rebuild(native_bucket.address_table())

@@ -181,7 +181,15 @@ class PlanMixin(StateFormatMixin):
                     states.append([local_shard(t) if t is not None else placeholder for t in column])
                 else:
                     states.append([])
-            steps = [self.state[p]["step"] for p in bucket.params] if self._family_has_step(family) else []
+            if self._family_has_step(family):
+                steps = [self.state[p]["step"] for p in bucket.params]
+            elif any(self._group_needs_step(self.param_groups[m[0]]) for m in members):
+                # SGD: the steps of bfloat16 momentum buffers rounded stochastically (a step left from an earlier
+                # setting of the group is kept as it is, not advanced)
+                steps = [self.state[m[1]]["step"] if self._group_needs_step(self.param_groups[m[0]]) else placeholder
+                         for m in members]
+            else:
+                steps = []
             masters = []
             if any(m[3] for m in members):
                 keys = {"copy": MASTER_KEY, "remainder": sf.REMAINDER_KEY}
@@ -241,6 +249,11 @@ class PlanMixin(StateFormatMixin):
     def _family_has_step(self, family: str) -> bool:
         return self._has_step
 
+    def _group_needs_step(self, group: dict) -> bool:
+        """Whether `group`'s params keep a ``step`` (every param of a family that has one; SGD: only where a
+        bfloat16 momentum buffer is rounded stochastically)."""
+        return self._family_has_step(self._group_family(group))
+
     def _family_tensors(self, bucket: Bucket, locals_: list, states: list, steps: list) -> tuple[list, list]:
         """The state lists and step tensors of the C++ bucket; a family that keeps more beside its state (Muon's
         workspaces and lr ratios) adds them here and may set ``bucket.extra``."""
@@ -266,7 +279,7 @@ class PlanMixin(StateFormatMixin):
         (StateFormatMixin: a state held in another format is converted); returns (whether the first state tensor,
         SGD's momentum buffer, was created now, the master mode)."""
         state = self.state[p]
-        if self._family_has_step(self._group_family(group)) and "step" not in state:
+        if self._group_needs_step(group) and "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         created = self._format_states(p, group, needs, moment_format, block_size)
         mode = self._format_master(p, group)

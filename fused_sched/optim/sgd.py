@@ -40,7 +40,12 @@ class SGD(FusedOptimizer):
        \end{aligned}
 
     Float32 arithmetic whatever the parameter dtype; ``momentum_buffer`` is float32 (created only when
-    momentum is not 0, as in torch).
+    momentum is not 0, as in torch), or bfloat16 with ``state_dtype=torch.bfloat16``: widened to float32 for the
+    update and written back rounded stochastically (unbiased: the small increments that round-to-nearest loses in
+    a long-lived buffer are kept on average) or to nearest even. Stochastic rounding draws its bits from
+    (``rounding_seed``, the param's ``step``, its index in the optimizer, the element's index), so a run is
+    reproducible bit for bit; the param's state then holds a float32 ``step`` (torch.optim.SGD keeps none and
+    ignores it on load; ``to_torch_state_dict`` drops it).
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -58,6 +63,11 @@ class SGD(FusedOptimizer):
             even in the same pass. "remainder" (bfloat16 parameters): keep only the 16 low bits of that master
             (``master_remainder``, int16), as Adam's master_weights="remainder" (default: False).
         max_grad_norm (float, optional): clip the global gradient 2-norm inside every ``step()`` (default: None).
+        state_dtype (torch.dtype): torch.float32 or torch.bfloat16, the dtype of ``momentum_buffer``
+            (default: torch.float32).
+        state_rounding (str): how a bfloat16 ``momentum_buffer`` is written: "stochastic" or "nearest" (round to
+            nearest even) (default: "stochastic").
+        rounding_seed (int): seed of stochastic rounding (default: 0).
     """
 
     _state_keys = ("momentum_buffer",)
@@ -81,6 +91,9 @@ class SGD(FusedOptimizer):
         backend: str = "auto",
         master_weights: bool | str = False,
         max_grad_norm: float | None = None,
+        rounding_seed: int = 0,
+        state_dtype: torch.dtype = torch.float32,
+        state_rounding: str = "stochastic",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -93,9 +106,11 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "master_weights": master_weights,
+            "state_dtype": state_dtype,
+            "state_rounding": state_rounding,
             **self._format_defaults(),
         }
-        super().__init__(params, defaults, backend, max_grad_norm)
+        super().__init__(params, defaults, backend, max_grad_norm, rounding_seed)
 
     def _format_defaults(self) -> dict:
         """The 8-bit subclass's own defaults (sgd8bit.py)."""
@@ -110,7 +125,7 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
-            for key in ("optim_bits", "block_size", "min_8bit_size"):
+            for key in ("state_dtype", "state_rounding", "optim_bits", "block_size", "min_8bit_size"):
                 if key in self.defaults:
                     group.setdefault(key, self.defaults[key])
 
@@ -132,18 +147,20 @@ class SGD(FusedOptimizer):
         if group.get("differentiable"):
             raise ValueError("fused_sched does not support differentiable=True")
         validate_state_options(group, type(self).__name__)
-        if group.get("state_dtype", torch.float32) != torch.float32:
-            raise ValueError("SGD keeps its momentum in float32 or, with SGD8bit, in 8 bits: a bfloat16 momentum "
-                             "would need stochastic rounding, which needs a step count that SGD does not keep")
         if group.get("stochastic_rounding"):
-            raise ValueError("SGD does not round stochastically (it keeps no step count to draw the rounding bits "
-                             "from); use master_weights=True")
+            raise ValueError("SGD does not round its parameters stochastically; use master_weights=True (or "
+                             "master_weights='remainder' for bfloat16 parameters)")
 
     def _row(self, group: dict) -> tuple:
         return sgd_row(group)
 
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
         return (group["momentum"] != 0,)
+
+    def _group_needs_step(self, group: dict) -> bool:
+        # A bfloat16 momentum buffer rounded stochastically keys its bits on a step of its own.
+        return (group["momentum"] != 0 and group.get("state_dtype", torch.float32) == torch.bfloat16
+                and group.get("state_rounding", "stochastic") == "stochastic")
 
     def _momentum_column(self) -> int:
         return _hyper.MOMENTUM
@@ -152,9 +169,10 @@ class SGD(FusedOptimizer):
         schedule, schedule_step = self._schedule_args(bucket.device)
         fresh = any(bucket.fresh)
         if bucket.runner is not None:
-            bucket.runner.run(bucket.native, hyper, bucket.fresh, schedule=schedule, schedule_step=schedule_step, **amp)
+            bucket.runner.run(bucket.native, hyper, bucket.fresh, schedule=schedule, schedule_step=schedule_step,
+                              sr_seed=self.rounding_seed, **amp)
         else:
-            bucket.native.sgd_step(hyper, bucket.fresh, schedule, schedule_step, **amp)
+            bucket.native.sgd_step(hyper, bucket.fresh, schedule, schedule_step, sr_seed=self.rounding_seed, **amp)
         # A momentum buffer created by a step that GradScaler's found_inf skipped was not filled: it stays fresh
         # for the next step. Knowing that needs found_inf on the host: read only on a step that creates buffers.
         if fresh:

@@ -214,9 +214,10 @@ _SIGNED_KEYS = {"exp_avg": True, "momentum_buffer": True, "exp_avg_sq": False, "
 def to_torch_state_dict(state_dict: dict) -> dict:
     """A state_dict of any fused_sched optimizer, in any state format, as its torch.optim counterpart
     (torch.optim.AdamW, Adam, SGD) loads it: 8-bit moments dequantized and bfloat16 moments widened to float32
-    tensors, the absmax entries dropped, and the master weights, which torch.optim does not keep, dropped (a
-    master_remainder is folded into nothing: load the parameters from a model state_dict saved alongside, which
-    holds the bfloat16 values; master_weights=True's float32 ``master_param`` is dropped as well). The param groups
+    tensors, the absmax entries dropped, SGD's step dropped, and the master weights, which torch.optim does not
+    keep, dropped (a master_remainder is folded into nothing: load the parameters from a model state_dict saved
+    alongside, which holds the bfloat16 values; master_weights=True's float32 ``master_param`` is dropped as
+    well). The param groups
     keep their values (torch.optim ignores fused_sched's own options). Needs the block size of 8-bit states: each
     group's ``block_size``. Works on plain tensors (a DCP or FSDP2 state_dict must be gathered first: absmax is
     kept per local shard)."""
@@ -228,8 +229,10 @@ def to_torch_state_dict(state_dict: dict) -> dict:
     state = {}
     for pid, entries in state_dict["state"].items():
         out = {}
+        # SGD's step (kept for the stochastic rounding of a bfloat16 momentum buffer): torch.optim.SGD has none.
+        sgd = "momentum_buffer" in entries and "exp_avg" not in entries
         for key, value in entries.items():
-            if key.endswith(ABSMAX_SUFFIX) or key in (REMAINDER_KEY, "master_param"):
+            if key.endswith(ABSMAX_SUFFIX) or key in (REMAINDER_KEY, "master_param") or (sgd and key == "step"):
                 continue
             if isinstance(value, torch.Tensor) and key in _SIGNED_KEYS:
                 if value.dtype == torch.uint8:

@@ -31,12 +31,13 @@ int emu_adam_tables(int dtype, const int64_t* table, int64_t n_rows, const int64
 int emu_sgd_tables(int dtype, int64_t* table, int64_t n_rows, const int64_t* chunks, int64_t n_chunks,
                    int64_t chunk_elements, const double* hyper, const double* schedule, int64_t segments,
                    const double* schedule_step, int32_t* counter, const float* grad_scale, const float* found_inf,
-                   const float* clip_coef, double* step_advance) {
+                   const float* clip_coef, double* step_advance, uint64_t sr_seed) {
   StepOptions o;
   o.grad_scale = grad_scale;
   o.found_inf = found_inf;
   o.clip_coef = clip_coef;
   o.step_advance = step_advance;
+  o.sr_seed = sr_seed;
   return fused_sched::cuda::launch_sgd_tables(ParamDtype(dtype), table, n_rows, chunks, n_chunks, chunk_elements,
                                               hyper, schedule, segments, schedule_step, counter, nullptr, o);
 }

@@ -2,7 +2,7 @@
 // at::vec::Vectorized<float>; the CUDA kernels include it with float): what every optimizer uses (the tables'
 // columns and flags, MathOps, gradient prescaling, rounding, the norm of a fused clip). Each optimizer's own update
 // is in its own header beside this one (adam_math.h, sgd_math.h). The Triton kernels mirror them once in
-// fused_sched/backends/triton_kernels.py. The operation order follows torch.optim's single-tensor
+// fused_sched/backends/triton/. The operation order follows torch.optim's single-tensor
 // implementations (torch/optim/adam.py, sgd.py) so that fp32 results agree with torch to a few ulps.
 //
 // This header includes no torch header: the CUDA sources must compile without torch's CUDA headers.
@@ -58,15 +58,16 @@ enum HyperFlag : uint32_t {
 
 // Columns of the int64 address table that the device kernels (Triton, CUDA) read, one row per tensor of a bucket
 // (built by OptimBucket, csrc/optim_bucket.cpp). Addresses are 0 where a tensor is absent or empty. The Python
-// mirror is fused_sched/backends/triton_kernels.py (TABLE_COLUMNS and the column constants).
+// mirror is fused_sched/backends/device_tables.py (TABLE_COLUMNS and the column constants).
 enum TableColumn : int {
   kColParam = 0,
   kColGrad = 1,
   kColState0 = 2,   // Adam: exp_avg; SGD, Muon: momentum_buffer
   kColState1 = 3,   // Adam: exp_avg_sq; Muon: the bfloat16 workspace of the update (muon_math.h)
   kColState2 = 4,   // Adam: max_exp_avg_sq
-  kColStep = 5,     // Adam: address of the float32 step; SGD: the "fresh buffer" flag; Muon: address of the
-                    // float64 lr ratio (adjust_lr_fn)
+  kColStep = 5,     // Adam: address of the float32 step; SGD: address of the float32 step that keys the
+                    // stochastic rounding of a bfloat16 momentum, 0 without one; Muon: address of the float64 lr
+                    // ratio (adjust_lr_fn)
   kColNumel = 6,
   kColGroup = 7,
   kColMaster = 8,   // float32 master copy of a low-precision param (master_weights), 0 without one
@@ -75,7 +76,9 @@ enum TableColumn : int {
   kColAbsmax0 = 11, // blockwise 8-bit: float32 absmax per block of state0, 0 otherwise
   kColAbsmax1 = 12, // blockwise 8-bit: float32 absmax per block of state1, 0 otherwise
   kColQmap = 13,    // blockwise 8-bit: the float32 [4, 256] code table (state_format.qmap), 0 otherwise
-  kTableColumns = 14,
+  kColFresh = 14,   // SGD: the "fresh buffer" flag (the step creating a momentum buffer sets it to the gradient),
+                    // cleared by the kernel that ran the step
+  kTableColumns = 15,
 };
 
 // Bits of the kColFormat column (fused_sched/optim/state_format.py mirrors them).

@@ -9,12 +9,14 @@ formats' rules), ``launch.py`` (checks, grid, configuration, tensor-list tables)
 Design
 ------
 * Address table (``OptimBucket.address_table``): int64 ``[n, TABLE_COLUMNS]``, one row per tensor: (param, grad,
-  state0, state1, state2, step) addresses, numel, param-group index, master-copy address, param id (optim_math.h
-  ``TableColumn``). The kernels turn the addresses into typed pointers
-  (the pattern of Triton's grouped-GEMM tutorial), so one launch reaches tensors that share no storage. Adam:
+  state0, state1, state2, step) addresses, numel, param-group index, master-copy address, param id, state format,
+  8-bit absmax and code table addresses, SGD's fresh flag (optim_math.h ``TableColumn``). The kernels turn the
+  addresses into typed pointers (the pattern of Triton's grouped-GEMM tutorial), so one launch reaches tensors
+  that share no storage. Adam:
   state0 = exp_avg, state1 = exp_avg_sq, state2 = max_exp_avg_sq (0 unless amsgrad), step = a float32
-  one-element tensor. SGD: state0 = momentum_buffer (0 without momentum); column 5 is no address but the "fresh
-  buffer" flag (1 on the step that creates the buffer, which torch fills with the gradient). A nonzero master
+  one-element tensor. SGD: state0 = momentum_buffer (0 without momentum); step = the float32 step of a bfloat16
+  buffer rounded stochastically (0 without); column 14 the "fresh buffer" flag (1 on the step that creates the
+  buffer, which torch fills with the gradient). A nonzero master
   address (master_weights) makes the kernel read and write the float32 copy and write the parameter rounded from
   it; the param id keys stochastic rounding's random bits.
 * Chunk map (``build_chunks``): int64 ``[n_chunks, 2]`` of (row, start); a chunk covers elements
@@ -48,7 +50,7 @@ Design
 * Step advance without a race: a program reads a tensor's step (and uses step + 1) while it updates that
   tensor's chunks, so no step may change before every program is done. Each program therefore takes a ticket
   from ``counter`` (int32, zero before the launch) once its chunks are done; the program holding the last ticket
-  increments every step (Adam) or clears every fresh flag (SGD), then zeroes ``counter`` so that the next launch
+  increments every step and clears every fresh flag (SGD), then zeroes ``counter`` so that the next launch
   (or CUDA-graph replay) starts clean.
 
 * Large-model inputs (optional pointers, compiled in by constexpr flags): GradScaler's ``grad_scale`` (gradients

@@ -335,7 +335,7 @@ def adam_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks,
                             bc2_sqrt, eps, neg_step_size, stochastic, key, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP,
                             False)
 
-    _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, True, ROW_BLOCK)
+    _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, True, False, ROW_BLOCK)
 
 
 def launch_adam(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,

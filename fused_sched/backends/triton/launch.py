@@ -153,9 +153,11 @@ def _launch_config(device: torch.device, numels: list[int]) -> tuple[dict, torch
     chunks = build_chunks(numels, chunk)
     return {"num_programs": max(1, min(programs, chunks.shape[0])), "BLOCK": block, "CHUNK": chunk}, chunks
 
-def _address_table(params, grads, states, steps, group_index, master_params=None, param_ids=None) -> torch.Tensor:
-    """The address table of tensor lists (OptimBucket.address_table's layout); master_params: None or one per
-    param (an empty tensor for none); param_ids: None (each param's index in the call) or one per param."""
+def _address_table(params, grads, states, steps, group_index, master_params=None, param_ids=None,
+                   fresh=None) -> torch.Tensor:
+    """The address table of tensor lists (OptimBucket.address_table's layout); steps: one tensor or address per
+    param; master_params: None or one per param (an empty tensor for none); param_ids: None (each param's index in
+    the call) or one per param; fresh: SGD's fresh-buffer flags, None for none."""
     def addr(t):
         return t.data_ptr() if t is not None and t.numel() > 0 else 0
 
@@ -163,12 +165,12 @@ def _address_table(params, grads, states, steps, group_index, master_params=None
     for i, p in enumerate(params):
         state_addrs = [addr(column[i]) if column else 0 for column in states]
         state_addrs += [0] * (3 - len(state_addrs))
-        step = steps[i] if isinstance(steps[i], int) else addr(steps[i])  # SGD passes its fresh flags here
+        step = steps[i] if isinstance(steps[i], int) else addr(steps[i])
         master = addr(master_params[i]) if master_params else 0
         param_id = param_ids[i] if param_ids else i
         # The list ops run float32 states only: format 0, no 8-bit columns.
         rows.append([addr(p), addr(grads[i]), *state_addrs, step, p.numel(), group_index[i], master, param_id,
-                     0, 0, 0, 0])
+                     0, 0, 0, 0, int(fresh[i] != 0) if fresh else 0])
     return torch.tensor(rows, dtype=torch.int64).reshape(len(params), TABLE_COLUMNS)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..device_tables import COL_FORMAT, DeviceTables, NormWorkspace
+from ..device_tables import COL_FORMAT, COL_STEP, DeviceTables, NormWorkspace
 from .adam import launch_adam
 from .grad_norm import launch_grad_norm
 from .launch import DEFAULT_QBLOCK, QBLOCK_SIZES, _launch_config
@@ -57,8 +57,11 @@ class TritonBucketRunner(DeviceTables):
                                           .any()):
             raise ValueError(f"8-bit states of this bucket use another block size than the runner's {self.block_size}")
         # A bucket of float32 states only launches the kernels compiled without the formatted path (HAS_FORMATS):
-        # their code and registers are those of the float32 kernels alone.
+        # their code and registers are those of the float32 kernels alone. SGD's kernel advances steps only in the
+        # formatted variant (they belong to bfloat16 momentum buffers, formatted rows): a bucket handed steps takes it.
         self.has_formats = bool((formats != 0).any())
+        if self.algorithm == "sgd":
+            self.has_formats |= bool((host[:, COL_STEP] != 0).any())
         super()._rebuild(host)
 
     def _launch(self, hyper: torch.Tensor, **options) -> None:

@@ -9,15 +9,21 @@ import triton.language as tl
 
 from .launch import _address_table, _check_lists, _launch, _launch_from_lists, _schema_of
 from .state_format import (
+    FORMAT_BFLOAT16,
     FORMAT_BLOCKWISE_8BIT,
     FORMAT_MASK,
     FORMAT_MASTER_REMAINDER,
     QMAP_SIGNED_CODES,
     QMAP_SIGNED_THRESHOLDS,
+    STATE_ROUND_NEAREST,
+    STATE_SALT0,
     _dequantize,
     _formatted_inputs,
+    _state_key,
+    _store_bf16_state,
     _store_formatted_param,
     _store_quantized,
+    _widen_bf16,
 )
 from .step_common import (
     _MAXIMIZE,
@@ -28,6 +34,7 @@ from .step_common import (
     DEFAULT_NUM_WARPS,
     _block_inputs,
     _finish,
+    _rounding_key,
     _scheduled,
     _state_mask,
     _step_inputs,
@@ -66,18 +73,22 @@ def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, off, end, read_buf, has
 @triton.jit
 def _sgd_block_formatted(param_ptr, grad_ptr, buf_ptr, master_ptr, remainder_ptr, absmax_ptr, qmap_ptr, off, end,
                          read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale, clip_coef, grad_sign,
-                         has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov, neg_lr,
+                         has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov, neg_lr, nearest, state_key,
                          PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, MOMENTS: tl.constexpr,
                          HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, FULL: tl.constexpr):
     """_sgd_block of a row with low-memory states (docs/state_formats.md): an 8-bit momentum buffer (MOMENTS 2)
-    dequantized, sgd_element unchanged, the buffer quantized again; the param joined from / split into its int16
-    remainder where the row has one. A fresh buffer reads no codes (it is the gradient)."""
+    dequantized or a bfloat16 one (MOMENTS 1) widened, sgd_element unchanged, the buffer narrowed again (8-bit:
+    quantized; bfloat16: to nearest even when `nearest`, else stochastically under `state_key`); the param joined
+    from / split into its int16 remainder where the row has one. A fresh buffer reads nothing (it is the
+    gradient)."""
     offs, mask, master_mask, p, g = _formatted_inputs(param_ptr, grad_ptr, master_ptr, remainder_ptr, off, end,
                                                       has_master, has_remainder, grad_scale, clip_coef, PARAM_DTYPE,
                                                       BLOCK, HAS_SCALE, HAS_CLIP, FULL)
     read_mask = _state_mask(read_buf, offs, off, end, BLOCK, FULL)
     if MOMENTS == FORMAT_BLOCKWISE_8BIT:
         buf = _dequantize(buf_ptr, absmax_ptr, qmap_ptr, offs, read_mask, QMAP_SIGNED_CODES, QBLOCK)
+    elif MOMENTS == FORMAT_BFLOAT16:
+        buf = _widen_bf16(tl.load(buf_ptr + offs, mask=read_mask))
     else:
         buf = tl.load(buf_ptr + offs, mask=read_mask)
     p, buf = _sgd_element(p, g, buf, has_momentum, fresh, grad_sign, has_wd, weight_decay, one_minus_dampening,
@@ -87,6 +98,9 @@ def _sgd_block_formatted(param_ptr, grad_ptr, buf_ptr, master_ptr, remainder_ptr
     if MOMENTS == FORMAT_BLOCKWISE_8BIT:
         _store_quantized(buf_ptr, absmax_ptr, qmap_ptr, offs, off, end, buf, mask, has_momentum,
                          QMAP_SIGNED_THRESHOLDS, BLOCK, QBLOCK, FULL)
+    elif MOMENTS == FORMAT_BFLOAT16:
+        _store_bf16_state(buf_ptr, offs, buf, _state_mask(has_momentum, offs, off, end, BLOCK, FULL), nearest,
+                          state_key)
     else:
         tl.store(buf_ptr + offs, buf, mask=_state_mask(has_momentum, offs, off, end, BLOCK, FULL))
 
@@ -94,18 +108,31 @@ def _sgd_block_formatted(param_ptr, grad_ptr, buf_ptr, master_ptr, remainder_ptr
 @triton.jit
 def _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
                          grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f,
-                         nesterov, neg_lr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
-                         MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
+                         nesterov, neg_lr, flags, seed_lo, seed_hi, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                         QBLOCK: tl.constexpr, MOMENTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         HAS_CLIP: tl.constexpr):
     """The blocks of one chunk of a formatted row (kColFormat != 0) whose buffer is in format MOMENTS, as in
-    sgd_kernel."""
+    sgd_kernel. A bfloat16 buffer rounded stochastically draws its bits under the state key of
+    rounding_key(seed, step after its increment, param id), the step being the float32 one column 5 points to."""
     # Half blocks (2 elements per thread at BLOCK 512 and 4 warps, where the float32 path moves 4): the formats'
     # work (dequantization, block absmax, code search, rounding, remainder split) then fits the registers of the
     # float32 path; with whole blocks the Adam kernels of bfloat16 params spilled on sm_90.
     HALF: tl.constexpr = BLOCK // 2
     if MOMENTS == FORMAT_BLOCKWISE_8BIT:
         buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.uint8))
+    elif MOMENTS == FORMAT_BFLOAT16:
+        buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.bfloat16))
     else:
         buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+    nearest = (flags & STATE_ROUND_NEAREST) != 0
+    if MOMENTS == FORMAT_BFLOAT16:
+        step_address = tl.load(entry + 5)
+        # Python gives every such row a step; a missing one keys the bits on step 1 (as the CUDA kernel).
+        step = tl.load(step_address.to(tl.pointer_type(tl.float32)), mask=step_address != 0, other=0.0)
+        state_key = _state_key(_rounding_key(seed_lo, seed_hi, (step + 1.0).to(tl.uint32),
+                                             tl.load(entry + 9).to(tl.uint32)), STATE_SALT0)
+    else:
+        state_key = tl.full([], 0, tl.uint32)
     param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
     master_ptr = master_address.to(tl.pointer_type(tl.float32))
@@ -120,12 +147,13 @@ def _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentu
                              tl.multiple_of(master_ptr, 16), tl.multiple_of(remainder_ptr, 16), absmax_ptr, qmap_ptr,
                              off, end, read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale,
                              clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov,
-                             neg_lr, PARAM_DTYPE, HALF, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, True)
+                             neg_lr, nearest, state_key, PARAM_DTYPE, HALF, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP,
+                             True)
     for off in range(full_end, end, HALF):
         _sgd_block_formatted(param_ptr, grad_ptr, buf_ptr, master_ptr, remainder_ptr, absmax_ptr, qmap_ptr, off, end,
                              read_buf, has_momentum, has_master, has_remainder, fresh, grad_scale, clip_coef,
                              grad_sign, has_wd, weight_decay, one_minus_dampening, momentum_f, nesterov, neg_lr,
-                             PARAM_DTYPE, HALF, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, False)
+                             nearest, state_key, PARAM_DTYPE, HALF, QBLOCK, MOMENTS, HAS_SCALE, HAS_CLIP, False)
 
 
 @triton.jit
@@ -154,7 +182,7 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
         param_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
         buf_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
-        fresh_flag = tl.load(entry + 5)
+        fresh_flag = tl.load(entry + 14)
         fresh = fresh_flag != 0
         numel = tl.load(entry + 6)
         master_address = tl.load(entry + 8)
@@ -194,12 +222,18 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
             elif (fmt & FORMAT_MASK) == FORMAT_BLOCKWISE_8BIT:
                 _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
                                      grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
-                                     momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, FORMAT_BLOCKWISE_8BIT,
-                                     HAS_SCALE, HAS_CLIP)
+                                     momentum_f, nesterov, neg_lr, flags, seed_lo, seed_hi, PARAM_DTYPE, BLOCK,
+                                     QBLOCK, FORMAT_BLOCKWISE_8BIT, HAS_SCALE, HAS_CLIP)
+            elif (fmt & FORMAT_MASK) == FORMAT_BFLOAT16:
+                _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
+                                     grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
+                                     momentum_f, nesterov, neg_lr, flags, seed_lo, seed_hi, PARAM_DTYPE, BLOCK,
+                                     QBLOCK, FORMAT_BFLOAT16, HAS_SCALE, HAS_CLIP)
             else:  # a float32 buffer, the master in a remainder
                 _sgd_formatted_chunk(entry, fmt, start, end, full_end, read_buf, has_momentum, master_address, fresh,
                                      grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
-                                     momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, QBLOCK, 0, HAS_SCALE, HAS_CLIP)
+                                     momentum_f, nesterov, neg_lr, flags, seed_lo, seed_hi, PARAM_DTYPE, BLOCK,
+                                     QBLOCK, 0, HAS_SCALE, HAS_CLIP)
         else:
             for off in range(start, full_end, BLOCK):
                 off = tl.multiple_of(off, BLOCK)
@@ -212,7 +246,9 @@ def sgd_kernel(table_ptr, chunks_ptr, hyper_ptr, counter_ptr, n_rows, n_chunks, 
                            fresh, grad_scale, clip_coef, grad_sign, has_wd, weight_decay, one_minus_dampening,
                            momentum_f, nesterov, neg_lr, PARAM_DTYPE, BLOCK, HAS_SCALE, HAS_CLIP, False)
 
-    _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, False, ROW_BLOCK)
+    # Steps only where a bfloat16 momentum buffer is rounded stochastically: a formatted row, so a bucket without
+    # formats has none (and its kernel, without the step advance, keeps the registers of the float32 one).
+    _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, HAS_FORMATS, True, ROW_BLOCK)
 
 
 def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, counter: torch.Tensor,
@@ -222,13 +258,14 @@ def launch_sgd(table: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, c
                step_advance: torch.Tensor | None = None, sr_seed: int = 0, BLOCK: int = DEFAULT_BLOCK,
                CHUNK: int = DEFAULT_CHUNK, num_warps: int = DEFAULT_NUM_WARPS, QBLOCK: int | None = None,
                HAS_FORMATS: bool = True) -> None:
-    """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 5) afterwards
-    (unless found_inf skipped the step).
+    """One SGD step of a bucket in one launch; clears the table's fresh-buffer flags (column 14) and advances
+    the steps of column 5 (bfloat16 momentum buffers) afterwards, unless found_inf skipped the step.
 
-    Arguments as for ``launch_adam``; a schedule sets lr and momentum; SGD never rounds stochastically.
+    Arguments as for ``launch_adam``; a schedule sets lr and momentum; sr_seed: the seed of the stochastic
+    rounding of bfloat16 momentum buffers (params are written to nearest even).
     """
     _launch(sgd_kernel, table, chunks, hyper, counter, param_dtype, num_programs, schedule, schedule_step, BLOCK,
-            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, 0, QBLOCK, HAS_FORMATS)
+            CHUNK, num_warps, grad_scale, found_inf, clip_coef, step_advance, sr_seed, QBLOCK, HAS_FORMATS)
 
 
 _SGD_SCHEMA, _SGD_WRITES = _schema_of("sgd_step_")
@@ -243,11 +280,12 @@ def triton_sgd_step_(
     clip_coef: torch.Tensor | None = None, step_advance: torch.Tensor | None = None,
 ) -> None:
     """SGD over one bucket with the Triton kernel; arguments as fused_sched::sgd_step_ (fresh_buffers go to the
-    table's column 5)."""
+    table's column 14)."""
     if len(fresh_buffers) != len(params):
         raise ValueError(f"fresh_buffers has {len(fresh_buffers)} entries for {len(params)} params")
     _check_lists(params, grads, master_params, None)
-    table = _address_table(params, grads, [momentum_buffers], list(fresh_buffers), group_index, master_params)
+    table = _address_table(params, grads, [momentum_buffers], [0] * len(params), group_index, master_params,
+                           fresh=list(fresh_buffers))
     _launch_from_lists(launch_sgd, params, table, hyper, schedule=schedule, schedule_step=schedule_step,
                        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, step_advance=step_advance)
 

@@ -64,34 +64,38 @@ def _store_param(param_ptr, master_ptr, offs, p, mask, master_mask, stochastic, 
 
 
 @triton.jit
-def _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, skipped, IS_ADAM: tl.constexpr,
-                             ROW_BLOCK: tl.constexpr):
-    """Run by the program holding the last ticket, after every program has finished its chunks. A step that
-    found_inf skipped advances nothing and keeps the fresh flags."""
+def _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, skipped, ADVANCE_STEPS: tl.constexpr,
+                             CLEAR_FRESH: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Run by the program holding the last ticket, after every program has finished its chunks: advances the steps
+    (ADVANCE_STEPS) and clears SGD's fresh flags (CLEAR_FRESH). A step that found_inf skipped advances nothing and
+    keeps the fresh flags."""
     if not skipped:
         for r0 in range(0, n_rows, ROW_BLOCK):
             rows = r0 + tl.arange(0, ROW_BLOCK)
             in_range = rows < n_rows
-            if IS_ADAM:
-                steps = tl.load(table_ptr + rows * _W + 5, mask=in_range, other=0).to(tl.pointer_type(tl.float32))
+            if ADVANCE_STEPS:
+                step_address = tl.load(table_ptr + rows * _W + 5, mask=in_range, other=0)
+                steps = step_address.to(tl.pointer_type(tl.float32))
+                # Adam: every row has a step. SGD: the rows of bfloat16 momentum buffers rounded stochastically.
+                has_step = in_range & (step_address != 0) if CLEAR_FRESH else in_range
                 # torch keeps the step in float32 and adds 1 in float32.
-                tl.store(steps, tl.load(steps, mask=in_range) + 1.0, mask=in_range)
-            else:
-                tl.store(table_ptr + rows * _W + 5, tl.zeros([ROW_BLOCK], dtype=tl.int64), mask=in_range)
+                tl.store(steps, tl.load(steps, mask=has_step) + 1.0, mask=has_step)
+            if CLEAR_FRESH:
+                tl.store(table_ptr + rows * _W + 14, tl.zeros([ROW_BLOCK], dtype=tl.int64), mask=in_range)
     tl.store(counter_ptr, 0)
 
 
 @triton.jit
-def _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, IS_ADAM: tl.constexpr,
-            ROW_BLOCK: tl.constexpr):
-    """Takes this program's ticket; the last program advances the steps (or clears the fresh flags) and records
+def _finish(table_ptr, counter_ptr, n_rows, skipped, step_advance_ptr, ADVANCE_STEPS: tl.constexpr,
+            CLEAR_FRESH: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Takes this program's ticket; the last program advances the steps (and clears the fresh flags) and records
     in step_advance whether the step ran."""
     # The ticket is taken by one thread: the barrier makes every thread's reads of steps / flags precede it.
     tl.debug_barrier()
     # acq_rel: the other programs' reads happen before the last program's writes.
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
-        _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, skipped, IS_ADAM, ROW_BLOCK)
+        _advance_steps_and_reset(table_ptr, counter_ptr, n_rows, skipped, ADVANCE_STEPS, CLEAR_FRESH, ROW_BLOCK)
         # "A step ran since the bound scheduler last cleared the flag": left alone by a skipped step.
         if not skipped:
             tl.store(step_advance_ptr, tl.full([], 1.0, tl.float64))
