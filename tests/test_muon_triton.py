@@ -15,6 +15,7 @@ import muon_reference as ref
 from fused_sched import _hyper, backends
 from fused_sched import _schedule_program as sp
 from fused_sched._extension import load_extension
+from fused_sched.backends.device_tables import TABLE_COLUMNS
 
 triton = pytest.importorskip("triton")
 
@@ -281,7 +282,7 @@ def test_custom_op_on_tensor_lists():
 
 
 def test_launch_checks_the_phase():
-    table = torch.zeros(0, 14, dtype=torch.int64, device=DEVICE)
+    table = torch.zeros(0, TABLE_COLUMNS, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="phase"):
         launch_muon(table, torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
                     torch.zeros(1, 8, dtype=torch.float64, device=DEVICE),

@@ -224,3 +224,43 @@ def test_sgd_state_bytes_per_parameter():
     opt.step()
     total = sum(v.numel() * v.element_size() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
     assert total == 2 * p.numel() + 4  # the bfloat16 buffer and the float32 step
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sgd_rounding_switched_to_stochastic_between_steps(backend, device):
+    """A group switched from nearest to stochastic rounding gets its step at the next step, whose bits are keyed on
+    step 1, then 2: never the same bits twice."""
+    p = torch.zeros(1000, device=device, requires_grad=True)
+    opt = fused_sched.SGD([p], lr=0.0, momentum=0.9, state_dtype=torch.bfloat16, state_rounding="nearest",
+                          rounding_seed=9, backend=backend)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        p.grad = torch.randn(1000, generator=gen).to(device)
+        opt.step()
+    assert "step" not in opt.state[p]
+    opt.param_groups[0]["state_rounding"] = "stochastic"
+    for step in (1, 2):
+        buf = opt.state[p]["momentum_buffer"].float().cpu()
+        g = torch.randn(1000, generator=gen)
+        p.grad = g.to(device)
+        opt.step()
+        assert opt.state[p]["step"].item() == step
+        expect = sf.bf16_stochastic(buf * 0.9 + g, sf.state_key(sf.rounding_key(9, step, 0), 0))
+        assert torch.equal(opt.state[p]["momentum_buffer"].cpu().view(torch.int16), expect.view(torch.int16))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sgd_without_momentum_keeps_no_buffer_and_no_step(backend, device):
+    """state_dtype=torch.bfloat16 with momentum 0: no buffer to round, no step; the update is torch's."""
+    gen = torch.Generator().manual_seed(6)
+    p = torch.randn(700, generator=gen).to(device).requires_grad_(True)
+    q = p.detach().cpu().clone().requires_grad_(True)
+    opt = fused_sched.SGD([p], lr=0.1, weight_decay=0.01, state_dtype=torch.bfloat16, backend=backend)
+    ref = torch.optim.SGD([q], lr=0.1, weight_decay=0.01)
+    for _ in range(2):
+        g = torch.randn(700, generator=gen)
+        p.grad, q.grad = g.to(device), g.clone()
+        opt.step()
+        ref.step()
+    assert "step" not in opt.state[p] and "momentum_buffer" not in opt.state[p]
+    torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=0, atol=1e-7)

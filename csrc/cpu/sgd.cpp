@@ -57,7 +57,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     // A bfloat16 momentum buffer: rounded to nearest even (kStateRoundNearest), else stochastically with bits
     // keyed, as Adam's moments, on (sr_seed, its step, param id): a step it needs.
     f->state_nearest = hyper_flags(row) & kStateRoundNearest;
-    if (f->state_nearest) continue;
+    if (f->state_nearest || f->narrow[0] == nullptr) continue;  // nothing rounded stochastically (no momentum)
     TORCH_CHECK(step_of[i] != nullptr, "fused_sched: params[", i, "]: a bfloat16 momentum buffer rounded "
                 "stochastically needs its step tensor");
     const int64_t id = options.param_ids.empty() ? static_cast<int64_t>(i) : options.param_ids[i];

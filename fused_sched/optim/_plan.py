@@ -183,11 +183,11 @@ class PlanMixin(StateFormatMixin):
                     states.append([])
             if self._family_has_step(family):
                 steps = [self.state[p]["step"] for p in bucket.params]
-            elif any(self._group_needs_step(self.param_groups[m[0]]) for m in members):
+            elif any(self._needs_step(self.param_groups[m[0]], formats[id(m[1])]) for m in members):
                 # SGD: the steps of bfloat16 momentum buffers rounded stochastically (a step left from an earlier
                 # setting of the group is kept as it is, not advanced)
-                steps = [self.state[m[1]]["step"] if self._group_needs_step(self.param_groups[m[0]]) else placeholder
-                         for m in members]
+                steps = [self.state[m[1]]["step"] if self._needs_step(self.param_groups[m[0]], formats[id(m[1])])
+                         else placeholder for m in members]
             else:
                 steps = []
             masters = []
@@ -249,9 +249,9 @@ class PlanMixin(StateFormatMixin):
     def _family_has_step(self, family: str) -> bool:
         return self._has_step
 
-    def _group_needs_step(self, group: dict) -> bool:
-        """Whether `group`'s params keep a ``step`` (every param of a family that has one; SGD: only where a
-        bfloat16 momentum buffer is rounded stochastically)."""
+    def _needs_step(self, group: dict, moment_format: int) -> bool:
+        """Whether a param of `group` whose states are in `moment_format` keeps a ``step`` (every param of a
+        family that has one; SGD: only a bfloat16 momentum buffer rounded stochastically)."""
         return self._family_has_step(self._group_family(group))
 
     def _family_tensors(self, bucket: Bucket, locals_: list, states: list, steps: list) -> tuple[list, list]:
@@ -279,7 +279,7 @@ class PlanMixin(StateFormatMixin):
         (StateFormatMixin: a state held in another format is converted); returns (whether the first state tensor,
         SGD's momentum buffer, was created now, the master mode)."""
         state = self.state[p]
-        if self._group_needs_step(group) and "step" not in state:
+        if self._needs_step(group, moment_format) and "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         created = self._format_states(p, group, needs, moment_format, block_size)
         mode = self._format_master(p, group)

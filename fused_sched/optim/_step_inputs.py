@@ -137,9 +137,10 @@ class StepInputsMixin:
         return rows
 
     def _plan_key(self, group: dict) -> tuple:
+        # state_rounding: SGD keeps a step only for bfloat16 buffers rounded stochastically (_needs_step)
         return (self._needed_states(group), group.get("master_weights", False),
-                bool(group.get("stochastic_rounding")), group.get("state_dtype"), group.get("optim_bits"),
-                group.get("min_8bit_size"), group.get("block_size"))
+                bool(group.get("stochastic_rounding")), group.get("state_dtype"), group.get("state_rounding"),
+                group.get("optim_bits"), group.get("min_8bit_size"), group.get("block_size"))
 
     def _hyper_table(self, device: torch.device, rows: list) -> torch.Tensor:
         table = self._hyper.get(device)

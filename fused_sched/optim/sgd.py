@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _hyper
+from . import state_format as sf
 from ._fused_optimizer import FusedOptimizer
 from ._plan import Bucket
 from ._state_format_plan import state_flags, validate_state_options
@@ -157,9 +158,10 @@ class SGD(FusedOptimizer):
     def _needed_states(self, group: dict) -> tuple[bool, ...]:
         return (group["momentum"] != 0,)
 
-    def _group_needs_step(self, group: dict) -> bool:
-        # A bfloat16 momentum buffer rounded stochastically keys its bits on a step of its own.
-        return (group["momentum"] != 0 and group.get("state_dtype", torch.float32) == torch.bfloat16
+    def _needs_step(self, group: dict, moment_format: int) -> bool:
+        # A bfloat16 momentum buffer rounded stochastically keys its bits on a step of its own (an 8-bit buffer of
+        # SGD8bit, a float32 one, or none at momentum 0, keep no step).
+        return (group["momentum"] != 0 and moment_format == sf.BFLOAT16
                 and group.get("state_rounding", "stochastic") == "stochastic")
 
     def _momentum_column(self) -> int:

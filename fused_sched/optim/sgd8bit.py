@@ -13,7 +13,8 @@ class SGD8bit(SGD):
     **8-bit momentum.** ``momentum_buffer`` is stored as one uint8 code per element in the signed dynamic map
     (bitsandbytes' ``create_dynamic_map``) with one float32 ``absmax`` per block of ``block_size`` elements
     (``momentum_buffer_absmax``); each step dequantizes, updates in float32 and requantizes in one pass. Tensors
-    with fewer than ``min_8bit_size`` elements, and groups with ``optim_bits=32``, keep a float32 buffer.
+    with fewer than ``min_8bit_size`` elements, and groups with ``optim_bits=32``, keep a buffer of the group's
+    ``state_dtype`` (float32 by default).
 
     Args (besides those of SGD):
         block_size (int): 32, 64, 128 or 256 (default: 256).
