@@ -42,19 +42,32 @@ def test_states_are_the_float64_update_rounded_once(backend, device, rounding):
             assert bool(((got - ref).abs() <= bound).all()), key
 
 
-def test_stochastic_rounding_keeps_small_updates():
-    """exp_avg of a constant gradient 1 with beta1 = 0.999 approaches 1 - 0.999^t. In bfloat16 with round to
-    nearest the increments 0.001 * (1 - m) fall below half a spacing once m passes 0.5 and are lost (the known
-    failure of bf16 states); stochastic rounding keeps them on average."""
+#: (optimizer of one param with a bfloat16 state, the state's key, zero gradients before the ones): a moment /
+#: buffer m that a constant gradient 1 moves by 0.001 * (1 - m) per step, to 1 - 0.999^t after t steps. SGD: momentum
+#: 0.999 with dampening 0.999, after a first gradient 0 (its fresh buffer takes the gradient as it is).
+SMALL_UPDATES = {
+    "adamw": (lambda p, rounding: fused_sched.AdamW([p], lr=0.0, betas=(0.999, 0.999), weight_decay=0.0,
+                                                    state_dtype=torch.bfloat16, state_rounding=rounding),
+              "exp_avg", 0),
+    "sgd": (lambda p, rounding: fused_sched.SGD([p], lr=0.0, momentum=0.999, dampening=0.999,
+                                                state_dtype=torch.bfloat16, state_rounding=rounding),
+            "momentum_buffer", 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_UPDATES))
+def test_stochastic_rounding_keeps_small_updates(name):
+    """In bfloat16 with round to nearest the increments 0.001 * (1 - m) fall below half a spacing once m passes 0.5
+    and are lost (the known failure of bf16 states); stochastic rounding keeps them on average."""
+    make, key, zeros = SMALL_UPDATES[name]
     results = {}
     for rounding in ("stochastic", "nearest"):
         p = torch.zeros(4096, requires_grad=True)
-        opt = fused_sched.AdamW([p], lr=0.0, betas=(0.999, 0.999), weight_decay=0.0, state_dtype=torch.bfloat16,
-                                state_rounding=rounding)
-        for _ in range(1500):
-            p.grad = torch.ones_like(p)
+        opt = make(p, rounding)
+        for step in range(zeros + 1500):
+            p.grad = torch.zeros_like(p) if step < zeros else torch.ones_like(p)
             opt.step()
-        results[rounding] = opt.state[p]["exp_avg"].float().mean().item()
+        results[rounding] = opt.state[p][key].float().mean().item()
     exact = 1 - 0.999 ** 1500
     assert abs(results["stochastic"] - exact) < 0.01 * exact
     assert results["nearest"] < exact - 0.1  # stuck
@@ -123,26 +136,6 @@ def test_sgd_buffer_is_the_float64_update_rounded_once(backend, device, rounding
         assert bool(((got - buf_ref).abs() <= bound).all())
         # float32 math on float32 values of magnitude ~3: a few float32 ulps
         torch.testing.assert_close(p.detach().double().cpu(), p_ref, rtol=0, atol=4e-6)
-
-
-def test_sgd_stochastic_rounding_keeps_small_updates():
-    """The buffer of a constant gradient 1 (after a first gradient 0) with momentum 0.999 and dampening 0.999
-    approaches 1 - 0.999^(t-1). Round to nearest loses the increments 0.001 * (1 - b) once b passes 0.5 (they
-    fall below half a bfloat16 spacing); stochastic rounding keeps them on average."""
-    results = {}
-    for rounding in ("stochastic", "nearest"):
-        p = torch.zeros(4096, requires_grad=True)
-        opt = fused_sched.SGD([p], lr=0.0, momentum=0.999, dampening=0.999, state_dtype=torch.bfloat16,
-                              state_rounding=rounding)
-        p.grad = torch.zeros_like(p)
-        opt.step()
-        for _ in range(1500):
-            p.grad = torch.ones_like(p)
-            opt.step()
-        results[rounding] = opt.state[p]["momentum_buffer"].float().mean().item()
-    exact = 1 - 0.999 ** 1500
-    assert abs(results["stochastic"] - exact) < 0.01 * exact
-    assert results["nearest"] < exact - 0.1  # stuck
 
 
 def test_sgd_stochastic_bits_follow_the_seed_step_and_param():
